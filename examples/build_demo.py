@@ -1,0 +1,185 @@
+"""Rebuild the shipped demo model from scratch on real offline data, with a fixed seed.
+
+Stages, each trained with `SparTrainer` (the stock `transformers.Trainer` plus per-term loss logging):
+  vision     a small SigLIP vision tower, contrastive against frozen MiniLM caption embeddings
+  dcae       a small DC-AE (`AutoencoderDC`), the pixel latent teacher
+  tokenizer  the SPAR tokenizer on emoji + crops of the training photos (eval photos held out)
+  generator  queries, DTR, connector and SANA DiT under the frozen MiniLM, flow matching + self-alignment
+  assemble   the pipeline folder (model_index.json + components) that `SparPipeline.from_pretrained` loads
+
+Usage: python examples/build_demo.py --output-dir outputs/demo_build --stages all
+"""
+
+import argparse
+import json
+import logging
+import os
+import time
+
+import torch
+from diffusers import AutoencoderDC
+from transformers import AutoModel, AutoTokenizer, SiglipVisionConfig, SiglipVisionModel, TrainingArguments, set_seed
+
+from spar_hf import SparForConditionalGeneration, SparTokenizerModel
+from spar_hf.data import load_emoji, load_photos, photo_crops, to_pixel_values
+from spar_hf.generator import resolve_pretrained_path
+from spar_hf.presets import MINILM_PACKAGE_PATH, preset_configs
+from spar_hf.training import (
+    DictDataset,
+    PromptCollator,
+    SparTrainer,
+    VisionTextContrastiveModel,
+    extract_generator_targets,
+    latent_statistics,
+)
+
+logger = logging.getLogger("build_demo")
+STAGES = ("vision", "dcae", "tokenizer", "generator", "assemble")
+RESOLUTION = 32
+
+
+def training_arguments(output_dir: str, steps: int, batch_size: int, learning_rate: float, seed: int) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=min(100, steps // 10), weight_decay=0.0, logging_steps=25,
+        save_strategy="no", report_to=[], use_cpu=True, seed=seed, data_seed=seed, remove_unused_columns=False,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+
+
+@torch.no_grad()
+def minilm_sentence_embeddings(captions: list[str]) -> torch.Tensor:
+    """Mean-pooled MiniLM embeddings, the way sentence-transformers pools all-MiniLM-L6-v2."""
+    path = resolve_pretrained_path(MINILM_PACKAGE_PATH)
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    batch = tokenizer(captions, padding=True, return_tensors="pt")
+    states = model(**batch).last_hidden_state  # (N, L, 384)
+    mask = batch["attention_mask"][..., None].float()
+    return (states * mask).sum(1) / mask.sum(1)  # (N, 384)
+
+
+def build_vision(args, emoji_pixels, captions) -> None:
+    tokenizer_config, _ = preset_configs("demo")
+    encoder = SiglipVisionModel(SiglipVisionConfig(**tokenizer_config.vision_config.to_diff_dict()))
+    model = VisionTextContrastiveModel(encoder, text_dim=384)
+    dataset = DictDataset(pixel_values=emoji_pixels, text_embeds=minilm_sentence_embeddings(captions))
+    SparTrainer(model=model, args=training_arguments(f"{args.output_dir}/vision_run", args.vision_steps, 128, 1e-3, args.seed),
+                train_dataset=dataset).train()
+    encoder.save_pretrained(f"{args.output_dir}/vision")
+
+
+def build_dcae(args, pixels) -> None:
+    tokenizer_config, _ = preset_configs("demo")
+    model = AutoencoderDC(**tokenizer_config.pixel_teacher_config)
+    SparTrainer(model=model, args=training_arguments(f"{args.output_dir}/dcae_run", args.dcae_steps, 32, 1e-3, args.seed),
+                train_dataset=DictDataset(sample=pixels)).train()
+    model.save_pretrained(f"{args.output_dir}/dcae")
+
+
+def build_tokenizer(args, pixels) -> None:
+    tokenizer_config, _ = preset_configs("demo")
+    model = SparTokenizerModel(tokenizer_config)
+    # The pretrained stand-ins: the vision tower (frozen in this stage) and the DC-AE teacher, whose
+    # decoder also initialises ours where the shapes agree.
+    model.vision_encoder.load_state_dict(SiglipVisionModel.from_pretrained(f"{args.output_dir}/vision").state_dict())
+    model.pixel_teacher.load_state_dict(AutoencoderDC.from_pretrained(f"{args.output_dir}/dcae").state_dict())
+    # Stage 1: vision encoder frozen, L_r + L_p.
+    SparTrainer(model=model, args=training_arguments(f"{args.output_dir}/tokenizer_run", args.tokenizer_steps, 32, 5e-4, args.seed),
+                train_dataset=DictDataset(pixel_values=pixels)).train()
+    model.save_pretrained(f"{args.output_dir}/tokenizer_stage1")
+
+    # Stage 2: vision encoder unfrozen, anchored to a frozen copy of itself by L_s.
+    model = SparTokenizerModel.from_pretrained(
+        f"{args.output_dir}/tokenizer_stage1", train_vision_encoder=True, semantic_loss_weight=1.0
+    )
+    SparTrainer(model=model, args=training_arguments(f"{args.output_dir}/tokenizer_run2", args.tokenizer_stage2_steps, 32, 2e-4, args.seed),
+                train_dataset=DictDataset(pixel_values=pixels)).train()
+
+    # The shipped tokenizer is for inference: drop the anchor, which only L_s needs.
+    model.vision_anchor = None
+    model.vision_encoder.requires_grad_(False)
+    model.config.train_vision_encoder, model.config.semantic_loss_weight = False, 0.0
+    scale, shift = latent_statistics(model, pixels[: 2048])
+    model.config.scaling_factor, model.config.shift_factor = scale, shift
+    logger.info("latent scaling_factor=%.4f shift_factor=%.4f", scale, shift)
+    model.save_pretrained(f"{args.output_dir}/tokenizer")
+
+
+def build_generator(args, emoji_pixels, captions) -> None:
+    _, generator_config = preset_configs("demo")
+    tokenizer_model = SparTokenizerModel.from_pretrained(f"{args.output_dir}/tokenizer")
+    grid = generator_config.transformer_config["sample_size"] // generator_config.transformer_config["patch_size"]
+    latents, features = extract_generator_targets(tokenizer_model, emoji_pixels, grid)
+
+    model = SparForConditionalGeneration(generator_config)
+    model.load_mllm_weights(generator_config.mllm_pretrained_path)
+    text_tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained_path(MINILM_PACKAGE_PATH))
+    dataset = DictDataset(caption=captions, latents=latents, semantic_features=features)
+    trainer = SparTrainer(
+        model=model, args=training_arguments(f"{args.output_dir}/generator_run", args.generator_steps, 64, 4e-4, args.seed),
+        train_dataset=dataset, data_collator=PromptCollator(text_tokenizer),
+    )
+    trainer.train()
+    model.save_pretrained(f"{args.output_dir}/generator")
+
+
+def assemble(args) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from spar_hf.pipeline import SparPipeline
+
+    model = SparForConditionalGeneration.from_pretrained(f"{args.output_dir}/generator")
+    vae = SparTokenizerModel.from_pretrained(f"{args.output_dir}/tokenizer")
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=model.config.flow_shift)
+    processor = AutoTokenizer.from_pretrained(resolve_pretrained_path(MINILM_PACKAGE_PATH))
+    pipe = SparPipeline(model=model, vae=vae, scheduler=scheduler, processor=processor)
+    pipe.save_pretrained(args.pipeline_dir)
+    logger.info("Saved the demo pipeline to %s", args.pipeline_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default="outputs/demo_build", help="Folder for the intermediate checkpoints.")
+    parser.add_argument("--pipeline-dir", default="src/spar_hf/demo_model", help="Where `assemble` writes the pipeline.")
+    parser.add_argument("--stages", default="all", help=f"Comma-separated subset of {STAGES}, or 'all'.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vision-steps", type=int, default=300)
+    parser.add_argument("--dcae-steps", type=int, default=500)
+    parser.add_argument("--tokenizer-steps", type=int, default=1200, help="Tokenizer stage 1 steps.")
+    parser.add_argument("--tokenizer-stage2-steps", type=int, default=300, help="Tokenizer stage 2 steps.")
+    parser.add_argument("--generator-steps", type=int, default=1800)
+    args = parser.parse_args()
+    stages = STAGES if args.stages == "all" else tuple(args.stages.split(","))
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        parser.error(f"--stages: unknown stage(s) {sorted(unknown)}; choose from {STAGES}.")
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.makedirs(args.output_dir, exist_ok=True)
+    set_seed(args.seed)
+    emoji_images, captions = load_emoji(RESOLUTION)
+    emoji_pixels = to_pixel_values(emoji_images)  # (N, 3, 32, 32)
+    crops = to_pixel_values(photo_crops(load_photos("train"), RESOLUTION, count=len(emoji_images), seed=args.seed))
+    mixed = torch.cat([emoji_pixels, crops])
+    logger.info("data: %d emoji, %d photo crops", len(emoji_pixels), len(crops))
+    with open(f"{args.output_dir}/captions.json", "w") as f:
+        json.dump(captions, f)
+
+    for stage in stages:
+        start = time.time()
+        logger.info("stage %s: start", stage)
+        if stage == "vision":
+            build_vision(args, emoji_pixels, captions)
+        elif stage == "dcae":
+            build_dcae(args, mixed)
+        elif stage == "tokenizer":
+            build_tokenizer(args, mixed)
+        elif stage == "generator":
+            build_generator(args, emoji_pixels, captions)
+        else:
+            assemble(args)
+        logger.info("stage %s: done in %.1f min", stage, (time.time() - start) / 60)
+
+
+if __name__ == "__main__":
+    main()
