@@ -285,8 +285,8 @@ class SparPipeline(DiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        height = height or self.vae.config.image_size
-        width = width or self.vae.config.image_size
+        height = self.vae.config.image_size if height is None else height
+        width = self.vae.config.image_size if width is None else width
 
         # 1. Check inputs
         self.check_inputs(
