@@ -1,8 +1,8 @@
 """Time the pipeline's denoising loop against the bare DiT forward, and one demo image end to end.
 
-The per-step cost of the loop is the slope of total time over the number of steps (so prompt
-encoding and decoding cancel out); it is compared in the same process with the DiT's forward at
-the batch the loop runs (2 images with guidance: conditional and unconditional together).
+The per-step cost of the loop is the slope of total time over the number of steps, so prompt
+encoding and decoding cancel out. It is compared in the same process with the DiT's forward at
+the batch the loop runs: 2 images with guidance, the conditional and unconditional branches.
 
 Usage: python benchmarks/bench_pipeline.py [--model PATH] [--repeats 5]
 """

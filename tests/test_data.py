@@ -32,7 +32,8 @@ def test_random_crops_follow_seed():
     b = data.to_pixel_values(data.photo_crops(photos, 16, 4, seed=0))
     assert a.shape == (4, 3, 16, 16)
     assert torch.equal(a, b)
-    assert a.min() >= -1 and a.max() <= 1
+    assert a.min() >= -1
+    assert a.max() <= 1
 
 
 def test_unknown_split_rejected():

@@ -31,7 +31,8 @@ def _count_mllm_calls(pipe):
 def test_seeded_two_step_run(tiny_pipeline):
     images = _run(tiny_pipeline)
     assert images.shape == (1, 16, 16, 3)
-    assert images.min() >= 0 and images.max() <= 1
+    assert images.min() >= 0
+    assert images.max() <= 1
     np.testing.assert_array_equal(images, _run(tiny_pipeline))
     assert not np.array_equal(images, _run(tiny_pipeline, seed=1))
 

@@ -210,15 +210,19 @@ class SparPipeline(DiffusionPipeline):
         device = device or self._execution_device
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         B = len(prompts)
-        images = None if image is None else (image if isinstance(image, list) else [image] * B)
-        if images is not None and len(images) == 1:
-            images = images * B
+        images = None
+        if image is not None:
+            images = image if isinstance(image, list) else [image]
+            if len(images) == 1:
+                images = images * B
 
         negatives = None
         if do_classifier_free_guidance and negative_prompt is not None:
             negatives = [negative_prompt] * B if isinstance(negative_prompt, str) else list(negative_prompt)
         texts = prompts + (negatives or [])
-        all_images = None if images is None else images + (images if negatives else [])
+        all_images = images
+        if images is not None and negatives is not None:
+            all_images = images + images
         embeds, _ = self.model.encode_condition(**self._mllm_inputs(texts, all_images, device))  # (B or 2B, Q, Dc)
 
         prompt_embeds = embeds[:B].repeat_interleave(num_images_per_prompt, dim=0)  # (B*n, Q, Dc)
