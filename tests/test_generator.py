@@ -213,3 +213,10 @@ def test_config_round_trip_keeps_sub_config(tmp_path, tiny_configs):
     assert loaded.mllm_config.model_type == "bert"
     assert loaded.routing_layers == [1, 2, 3]
     assert loaded.transformer_config["num_layers"] == 2
+
+
+def test_mllm_stays_frozen_after_loading(tmp_path, tiny_generator):
+    tiny_generator.save_pretrained(tmp_path)
+    loaded = SparForConditionalGeneration.from_pretrained(tmp_path)
+    assert not any(p.requires_grad for p in loaded.mllm.parameters())
+    assert all(p.requires_grad for p in loaded.transformer.parameters())

@@ -152,3 +152,14 @@ def test_bad_pixel_values_rejected(tiny_tokenizer_model, bad, message):
 def test_bad_latents_rejected(tiny_tokenizer_model):
     with pytest.raises(ValueError, match="`latents` must be a tensor of shape \\(batch_size, 4, h, w\\)"):
         tiny_tokenizer_model.decode(torch.zeros(1, 3, 4, 4))
+
+
+def test_frozen_parts_stay_frozen_after_loading(tmp_path, tiny_tokenizer_model):
+    tiny_tokenizer_model.save_pretrained(tmp_path)
+    stage1 = SparTokenizerModel.from_pretrained(tmp_path)
+    assert not any(p.requires_grad for p in stage1.vision_encoder.parameters())
+    assert not any(p.requires_grad for p in stage1.pixel_teacher.parameters())
+    stage2 = SparTokenizerModel.from_pretrained(tmp_path, train_vision_encoder=True, semantic_loss_weight=1.0)
+    assert all(p.requires_grad for p in stage2.vision_encoder.parameters())
+    assert not any(p.requires_grad for p in stage2.vision_anchor.parameters())
+    assert not any(p.requires_grad for p in stage2.pixel_teacher.parameters())

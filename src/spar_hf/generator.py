@@ -226,7 +226,6 @@ class SparForConditionalGeneration(SparPreTrainedModel):
     def __init__(self, config: SparConfig) -> None:
         super().__init__(config)
         self.mllm = self._build_mllm(config)
-        self.mllm.requires_grad_(config.train_mllm)
 
         D = config.mllm_hidden_size
         caption_channels = config.transformer_config["caption_channels"]
@@ -241,11 +240,22 @@ class SparForConditionalGeneration(SparPreTrainedModel):
         self.align_projector = None
         self._aligned_states = None
         self._capture_alignment = False
+        # Runtime switch, not saved: generator stage 1 trains without alignment (the DiT is frozen).
+        self.alignment_enabled = config.align_loss_weight > 0
         if config.align_loss_weight > 0:
             self.align_projector = build_mlp(inner_dim, config.align_projector_dim, config.align_feature_dim)
             block = self.transformer.transformer_blocks[config.align_layer - 1]
             block.register_forward_hook(self._capture_aligned_states)
         self.post_init()
+        self.freeze_frozen_parts()
+
+    def freeze_frozen_parts(self) -> None:
+        """Set `requires_grad=False` on the MLLM unless `config.train_mllm`.
+
+        `from_pretrained` creates parameters anew, so it calls this again after loading. LoRA adapters
+        added later set their own flags.
+        """
+        self.mllm.requires_grad_(self.config.train_mllm)
 
     @staticmethod
     def _build_mllm(config: SparConfig) -> PreTrainedModel:
@@ -292,6 +302,7 @@ class SparForConditionalGeneration(SparPreTrainedModel):
                 f"The checkpoint has no weights for {len(missing)} MLLM parameters (e.g. {sorted(missing)[0]}) and "
                 "`mllm_pretrained_path` is not set, so the MLLM would be random."
             )
+        model.freeze_frozen_parts()
         return (model, info) if output_loading_info else model
 
     def load_mllm_weights(self, path: str) -> None:
@@ -395,7 +406,8 @@ class SparForConditionalGeneration(SparPreTrainedModel):
         """
         config = self.config
         B = latents.shape[0]
-        if config.align_loss_weight > 0 and semantic_features is None:
+        use_alignment = self.align_projector is not None and self.alignment_enabled
+        if use_alignment and semantic_features is None:
             raise ValueError("`semantic_features` are required when `align_loss_weight` > 0 (self-alignment is on).")
 
         condition, weights = self.encode_condition(input_ids, attention_mask, pixel_values)  # (B, Q, Dc), (B, Q, K)
@@ -409,7 +421,7 @@ class SparForConditionalGeneration(SparPreTrainedModel):
         timestep = flow_matching.sigmas_to_timesteps(sigmas)  # (B,)
 
         self._aligned_states = None
-        self._capture_alignment = self.align_projector is not None
+        self._capture_alignment = use_alignment
         try:
             model_output = self.transformer(
                 model_input, encoder_hidden_states=condition, timestep=timestep, return_dict=False
@@ -419,7 +431,7 @@ class SparForConditionalGeneration(SparPreTrainedModel):
         loss_flow = F.mse_loss(model_output.float(), flow_matching.velocity_target(latents, noise).float())
 
         loss_align = model_output.new_zeros((), dtype=torch.float32)
-        if self.align_projector is not None:
+        if use_alignment:
             loss_align = self._alignment_loss(semantic_features)
 
         entropy = routing_entropy(weights.detach().float()) if config.routing_mode == "dtr" else loss_align.new_zeros(())

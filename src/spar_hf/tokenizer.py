@@ -26,8 +26,10 @@ from .layers import TransformerBlock, sincos_position_embedding
 
 logger = logging.get_logger(__name__)
 
-# Configuration of the DC-AE decoder that turns the fused latent back into pixels. Keys follow
-# the argument names of diffusers' `AutoencoderDC`; the number of blocks fixes the ratio.
+# Configuration of the DC-AE decoder that turns the fused latent back into pixels. Keys are the
+# `decoder_*` arguments of diffusers' `AutoencoderDC` without the prefix, plus its
+# `attention_head_dim` and `upsample_block_type`; the number of blocks fixes the ratio. The last
+# three keys take the defaults of diffusers 0.42, so configs saved without them build the same decoder.
 DEFAULT_DECODER_CONFIG = {
     "block_out_channels": (64, 128, 256),
     "layers_per_block": (1, 1, 1),
@@ -36,6 +38,9 @@ DEFAULT_DECODER_CONFIG = {
     "act_fns": "silu",
     "qkv_multiscales": ((), (), ()),
     "attention_head_dim": 32,
+    "upsample_block_type": "pixel_shuffle",
+    "in_shortcut": True,
+    "conv_act_fn": "relu",
 }
 
 
@@ -237,8 +242,7 @@ class SparTokenizerModel(SparTokenizerPreTrainedModel):
 
         # Semantic stream: vision encoder features pooled to the latent grid, then a 1x1 head.
         self.vision_encoder = AutoModel.from_config(config.vision_config)
-        self.vision_encoder.requires_grad_(config.train_vision_encoder)
-        self.vision_anchor = copy.deepcopy(self.vision_encoder).requires_grad_(False) if config.train_vision_encoder else None
+        self.vision_anchor = copy.deepcopy(self.vision_encoder) if config.train_vision_encoder else None
         vision_width = config.vision_config.hidden_size
         self.semantic_head = nn.Conv2d(vision_width, config.semantic_channels, 1) if config.use_semantic_stream else None
 
@@ -256,7 +260,7 @@ class SparTokenizerModel(SparTokenizerPreTrainedModel):
         self.pixel_teacher = None
         self.pixel_projector = None
         if config.pixel_teacher_config is not None and config.use_pixel_stream:
-            self.pixel_teacher = AutoencoderDC.from_config(config.pixel_teacher_config).requires_grad_(False)
+            self.pixel_teacher = AutoencoderDC.from_config(config.pixel_teacher_config)
             teacher_channels = config.pixel_teacher_config["latent_channels"]
             self.pixel_projector = nn.Conv2d(config.pixel_hidden_size, teacher_channels, 1)
 
@@ -276,8 +280,22 @@ class SparTokenizerModel(SparTokenizerPreTrainedModel):
             qkv_multiscales=tuple(tuple(s) for s in decoder["qkv_multiscales"]),
             norm_type=decoder["norm_types"],
             act_fn=decoder["act_fns"],
+            upsample_block_type=decoder["upsample_block_type"],
+            in_shortcut=decoder["in_shortcut"],
+            conv_act_fn=decoder["conv_act_fn"],
         )
         self.post_init()
+        self.freeze_frozen_parts()
+
+    def freeze_frozen_parts(self) -> None:
+        """Set `requires_grad=False` on the anchor, the teacher and (unless trained) the vision encoder.
+
+        `from_pretrained` creates parameters anew, so it calls this again after loading.
+        """
+        self.vision_encoder.requires_grad_(self.config.train_vision_encoder)
+        for frozen in (self.vision_anchor, self.pixel_teacher):
+            if frozen is not None:
+                frozen.requires_grad_(False)
 
     def _init_weights(self, module: nn.Module) -> None:
         # Sub-models built by `from_config` initialise themselves; only our own layers need it.
@@ -295,6 +313,7 @@ class SparTokenizerModel(SparTokenizerPreTrainedModel):
             logger.info("Checkpoint has no `vision_anchor`; initialising it from the loaded vision encoder.")
             model.vision_anchor.load_state_dict(model.vision_encoder.state_dict())
             info["missing_keys"] = {k for k in info["missing_keys"] if not k.startswith("vision_anchor.")}
+        model.freeze_frozen_parts()
         return (model, info) if output_loading_info else model
 
     # ----------------------------------------------------------------------------- features

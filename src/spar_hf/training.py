@@ -4,14 +4,18 @@ Every stage (vision stand-in, DC-AE teacher, SPAR tokenizer, SPAR generator) tra
 [`SparTrainer`], which logs each named loss term of the model output next to `loss`.
 """
 
+import json
 import math
+import os
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .tokenizer import SparTokenizerModel
@@ -146,3 +150,161 @@ class VisionTextContrastiveModel(nn.Module):
         labels = torch.arange(len(logits), device=logits.device)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
         return {"loss": loss, "logits": logits}
+
+
+# ----------------------------------------------------------------------------- user data
+
+
+def load_image_text_dataset(path: str, split: str = "train", image_column: str = "image", caption_column: str = "text"):
+    """Load images with captions with `datasets`: an `imagefolder` (images + `metadata.jsonl`) or parquet file(s).
+
+    Returns a `datasets.Dataset` with at least `image_column` and `caption_column`.
+    """
+    from datasets import load_dataset
+
+    if os.path.isdir(path):
+        dataset = load_dataset("imagefolder", data_dir=path, split=split)
+    elif path.endswith(".parquet") and os.path.isfile(path):
+        dataset = load_dataset("parquet", data_files=path, split=split)
+    else:
+        raise ValueError(
+            f"`path` {path!r} must be a folder of images with metadata.jsonl (imagefolder) or an existing .parquet file."
+        )
+    missing = [c for c in (image_column, caption_column) if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"Dataset at {path!r} has no column(s) {missing}; its columns are {dataset.column_names}.")
+    return dataset
+
+
+class ImageCaptionTransform:
+    """`datasets` transform: centre-crop and resize images to `resolution`, scale to [-1, 1], keep captions.
+
+    Writes `output_column` (`pixel_values` for the tokenizer, `target_pixel_values` for the generator)
+    and `caption`.
+    """
+
+    def __init__(self, resolution: int, image_column: str = "image", caption_column: str = "text",
+                 output_column: str = "pixel_values") -> None:
+        self.resolution = resolution
+        self.image_column = image_column
+        self.caption_column = caption_column
+        self.output_column = output_column
+
+    def _pixels(self, image) -> torch.Tensor:
+        import numpy as np
+        from PIL import Image
+
+        image = image.convert("RGB")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side)).resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1  # (3, H, W)
+
+    def __call__(self, batch: dict) -> dict:
+        result = {self.output_column: [self._pixels(image) for image in batch[self.image_column]]}
+        if self.caption_column in batch:
+            result["caption"] = list(batch[self.caption_column])
+        return result
+
+
+# ----------------------------------------------------------------------------- generator stages
+
+
+GENERATOR_STAGES = (1, 2)
+
+
+def configure_generator_stage(model, stage: int) -> None:
+    """Freeze what a generator stage does not train.
+
+    Stage 1 trains the queries, DTR, connector and null condition with the DiT frozen (it starts
+    from SANA weights). Stage 2 also trains the DiT and the alignment projector. The MLLM follows
+    `config.train_mllm` (LoRA adapters, if any, keep their own flags).
+    """
+    if stage not in GENERATOR_STAGES:
+        raise ValueError(f"`stage` must be one of {GENERATOR_STAGES}. Got {stage!r}.")
+    model.transformer.requires_grad_(stage == 2)
+    model.alignment_enabled = stage == 2 and model.align_projector is not None
+    if model.align_projector is not None:
+        model.align_projector.requires_grad_(stage == 2)
+    for module in (model.router, model.connector):
+        module.requires_grad_(True)
+    model.queries.requires_grad_(True)
+    model.null_condition.requires_grad_(True)
+
+
+class SparGeneratorTrainer(SparTrainer):
+    """`SparTrainer` for the generator that encodes `target_pixel_values` with a frozen SPAR tokenizer on the fly.
+
+    Batches that already carry pre-extracted `latents` (and `semantic_features`) skip the tokenizer.
+    The tokenizer is the self-alignment teacher and is never trained here.
+    """
+
+    def __init__(self, *args, tokenizer_model: SparTokenizerModel | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tokenizer_model = tokenizer_model
+        if tokenizer_model is not None:
+            tokenizer_model.requires_grad_(False).eval()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "target_pixel_values" in inputs:
+            if self.tokenizer_model is None:
+                raise ValueError("Batches with `target_pixel_values` need `tokenizer_model` to encode them.")
+            pixels = inputs.pop("target_pixel_values")
+            config = model.config if hasattr(model, "config") else model.module.config
+            grid = pixels.shape[-1] // self.tokenizer_model.config.downsample_ratio // config.transformer_config["patch_size"]
+            self.tokenizer_model.to(pixels.device)
+            latents, features = extract_generator_targets(self.tokenizer_model, pixels, grid, batch_size=len(pixels))
+            inputs["latents"] = latents
+            unwrapped = model if hasattr(model, "alignment_enabled") else model.module
+            if unwrapped.alignment_enabled:
+                inputs["semantic_features"] = features
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+# ----------------------------------------------------------------------------- EMA
+
+
+class EMACallback(TrainerCallback):
+    """Keep an exponential moving average of the trainable weights with diffusers' `EMAModel`.
+
+    The average is saved as `ema.safetensors` and `ema_state.json` in every checkpoint folder and
+    restored from `resume_from`, so a resumed run continues the same average. Call
+    `copy_to_model()` before the final save to export the averaged weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, resume_from: str | None = None) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(f"`decay` must be in (0, 1). Got {decay}.")
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.ema = EMAModel(self.parameters, decay=decay)
+        if resume_from:
+            self.load(resume_from)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ema.step(self.parameters)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+    def save(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        save_file({str(i): p.detach().contiguous() for i, p in enumerate(self.ema.shadow_params)}, os.path.join(folder, "ema.safetensors"))
+        state = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
+        with open(os.path.join(folder, "ema_state.json"), "w") as f:
+            json.dump(state, f)
+
+    def load(self, folder: str) -> None:
+        path = os.path.join(folder, "ema.safetensors")
+        if not os.path.isfile(path):
+            raise ValueError(f"`resume_from` {folder!r} has no ema.safetensors; resume from a checkpoint written with EMA on.")
+        tensors = load_file(path)
+        if len(tensors) != len(self.ema.shadow_params):
+            raise ValueError(f"EMA in {folder!r} has {len(tensors)} tensors but the model trains {len(self.ema.shadow_params)}.")
+        with open(os.path.join(folder, "ema_state.json")) as f:
+            state = json.load(f)
+        state["shadow_params"] = [tensors[str(i)] for i in range(len(tensors))]
+        self.ema.load_state_dict(state)
+
+    def copy_to_model(self) -> None:
+        """Overwrite the trained weights with their average."""
+        self.ema.copy_to(self.parameters)

@@ -1,0 +1,85 @@
+"""Train the SPAR generator with a frozen SPAR tokenizer as latent codec and alignment teacher.
+
+Stage 1 trains queries, DTR and connector with the DiT frozen; stage 2 also trains the DiT with
+self-alignment on. Data: a folder of images with captions in metadata.jsonl, or a parquet file.
+
+  accelerate launch examples/train_generator.py --data DIR --tokenizer out/tok2/final --init_from PIPELINE_OR_MODEL \
+      --processor MLLM_PATH --stage 1 --output_dir out/gen1 --max_steps 1000
+
+Every `transformers.TrainingArguments` flag applies. The model is saved to `<output_dir>/final` and, with
+`--export_pipeline`, a pipeline folder to `<output_dir>/pipeline`.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from spar_hf import SparForConditionalGeneration
+from spar_hf.export import export_pipeline, load_processor
+from spar_hf.presets import PRESETS, preset_configs
+from spar_hf.tokenizer import SparTokenizerModel
+from spar_hf.training import (
+    EMACallback,
+    ImageCaptionTransform,
+    PromptCollator,
+    SparGeneratorTrainer,
+    configure_generator_stage,
+    load_image_text_dataset,
+)
+
+
+@dataclass
+class GeneratorArguments:
+    data: str = field(metadata={"help": "Image folder with metadata.jsonl captions, or a .parquet file."})
+    tokenizer: str = field(metadata={"help": "Trained SPAR tokenizer folder (frozen)."})
+    processor: str = field(metadata={"help": "Folder (or python-package: path) of the MLLM's tokenizer or processor."})
+    stage: int = field(default=2, metadata={"help": "1: DiT frozen. 2: DiT trained with self-alignment."})
+    init_from: str | None = field(default=None, metadata={"help": "Generator checkpoint to start from."})
+    preset: str = field(default="tiny", metadata={"help": f"Size preset when starting from scratch: {sorted(PRESETS)}."})
+    image_column: str = field(default="image")
+    caption_column: str = field(default="text")
+    ema_decay: float = field(default=0.0, metadata={"help": "EMA decay of the trained weights; 0 disables EMA."})
+    export_pipeline: bool = field(default=False, metadata={"help": "Also write a SparPipeline folder."})
+
+
+def build_model(args: GeneratorArguments) -> SparForConditionalGeneration:
+    if args.init_from:
+        folder = os.path.join(args.init_from, "model") if os.path.isfile(os.path.join(args.init_from, "model_index.json")) else args.init_from
+        model = SparForConditionalGeneration.from_pretrained(folder)
+    else:
+        model = SparForConditionalGeneration(preset_configs(args.preset)[1])
+        if model.config.mllm_pretrained_path:
+            model.load_mllm_weights(model.config.mllm_pretrained_path)
+    configure_generator_stage(model, args.stage)
+    return model
+
+
+def main() -> None:
+    args, training_args = HfArgumentParser((GeneratorArguments, TrainingArguments)).parse_args_into_dataclasses()
+    training_args.remove_unused_columns = False
+    tokenizer_model = SparTokenizerModel.from_pretrained(args.tokenizer)
+    model = build_model(args)
+    processor = load_processor(args.processor)
+    text_tokenizer = getattr(processor, "tokenizer", processor)
+
+    dataset = load_image_text_dataset(args.data, image_column=args.image_column, caption_column=args.caption_column)
+    dataset.set_transform(ImageCaptionTransform(tokenizer_model.config.image_size, args.image_column,
+                                                args.caption_column, output_column="target_pixel_values"))
+    resume = training_args.resume_from_checkpoint
+    ema = EMACallback(model, args.ema_decay, resume_from=resume) if args.ema_decay > 0 else None
+    trainer = SparGeneratorTrainer(
+        model=model, args=training_args, train_dataset=dataset, data_collator=PromptCollator(text_tokenizer),
+        tokenizer_model=tokenizer_model, callbacks=[ema] if ema else None,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    if ema:
+        ema.copy_to_model()
+    final = os.path.join(training_args.output_dir, "final")
+    model.save_pretrained(final)
+    if args.export_pipeline:
+        export_pipeline(final, args.tokenizer, args.processor, os.path.join(training_args.output_dir, "pipeline"), overwrite=True)
+
+
+if __name__ == "__main__":
+    main()

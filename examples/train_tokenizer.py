@@ -1,0 +1,64 @@
+"""Train the SPAR tokenizer on a folder of images (imagefolder) or a parquet file.
+
+Stage 1: vision encoder frozen, L_r + L_p.  Stage 2: encoder unfrozen and anchored by L_s.
+
+  accelerate launch examples/train_tokenizer.py --data DIR --preset demo --stage 1 --output_dir out/tok1 --max_steps 1000
+  accelerate launch examples/train_tokenizer.py --data DIR --init_from out/tok1/final --stage 2 --output_dir out/tok2 --max_steps 500
+
+Every `transformers.TrainingArguments` flag applies (`--per_device_train_batch_size`, `--save_steps`,
+`--resume_from_checkpoint`, `--bf16`, ...). The trained model is saved to `<output_dir>/final`.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from spar_hf import SparTokenizerModel
+from spar_hf.presets import PRESETS, preset_configs
+from spar_hf.training import EMACallback, ImageCaptionTransform, SparTrainer, load_image_text_dataset
+
+
+@dataclass
+class TokenizerArguments:
+    data: str = field(metadata={"help": "Image folder (with optional metadata.jsonl) or a .parquet file."})
+    stage: int = field(default=1, metadata={"help": "1: encoder frozen. 2: encoder trained with L_s."})
+    init_from: str | None = field(default=None, metadata={"help": "Tokenizer checkpoint to start from (required for stage 2)."})
+    preset: str = field(default="tiny", metadata={"help": f"Size preset when starting from scratch: {sorted(PRESETS)}."})
+    semantic_loss_weight: float = field(default=1.0, metadata={"help": "Weight of L_s in stage 2."})
+    image_column: str = field(default="image")
+    ema_decay: float = field(default=0.0, metadata={"help": "EMA decay of the trained weights; 0 disables EMA."})
+
+
+def build_model(args: TokenizerArguments) -> SparTokenizerModel:
+    if args.stage not in (1, 2):
+        raise ValueError(f"--stage must be 1 or 2. Got {args.stage}.")
+    if args.stage == 2:
+        if not args.init_from:
+            raise ValueError("--stage 2 needs --init_from, the stage 1 tokenizer.")
+        return SparTokenizerModel.from_pretrained(
+            args.init_from, train_vision_encoder=True, semantic_loss_weight=args.semantic_loss_weight
+        )
+    if args.init_from:
+        return SparTokenizerModel.from_pretrained(args.init_from, train_vision_encoder=False, semantic_loss_weight=0.0)
+    return SparTokenizerModel(preset_configs(args.preset)[0])
+
+
+def main() -> None:
+    args, training_args = HfArgumentParser((TokenizerArguments, TrainingArguments)).parse_args_into_dataclasses()
+    training_args.remove_unused_columns = False
+    model = build_model(args)
+    dataset = load_image_text_dataset(args.data, image_column=args.image_column, caption_column=args.image_column)
+    dataset.set_transform(ImageCaptionTransform(model.config.image_size, image_column=args.image_column, caption_column="_none"))
+
+    resume = training_args.resume_from_checkpoint
+    ema = EMACallback(model, args.ema_decay, resume_from=resume) if args.ema_decay > 0 else None
+    trainer = SparTrainer(model=model, args=training_args, train_dataset=dataset, callbacks=[ema] if ema else None)
+    trainer.train(resume_from_checkpoint=resume)
+    if ema:
+        ema.copy_to_model()
+    model.save_pretrained(os.path.join(training_args.output_dir, "final"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Two-step runs of the training scripts in examples/ on the tiny preset: train, save, resume, export."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from spar_hf import SparForConditionalGeneration, SparPipeline, SparTokenizerModel
+from spar_hf.presets import preset_configs
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 210, 30)}
+SHAPES = ("square", "circle")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """An imagefolder of coloured shapes with a `metadata.jsonl` of captions."""
+    folder = tmp_path_factory.mktemp("shapes")
+    rows = []
+    for colour, rgb in COLOURS.items():
+        for shape in SHAPES:
+            image = Image.new("RGB", (24, 24), "white")
+            draw = ImageDraw.Draw(image)
+            (draw.rectangle if shape == "square" else draw.ellipse)((4, 4, 19, 19), fill=rgb)
+            name = f"{colour}_{shape}.png"
+            image.save(folder / name)
+            rows.append({"file_name": name, "text": f"{colour} {shape}"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def processor_dir(tmp_path_factory, text_processor):
+    folder = tmp_path_factory.mktemp("processor")
+    text_processor.save_pretrained(folder)
+    return folder
+
+
+def run_script(name, *argv):
+    old = sys.argv
+    sys.argv = [name, *map(str, argv)]
+    try:
+        runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+    finally:
+        sys.argv = old
+
+
+COMMON = ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--report_to", "none", "--use_cpu",
+          "--disable_tqdm", "true", "--seed", "0"]
+
+
+def logged_losses(folder):
+    state = json.loads((Path(folder) / "trainer_state.json").read_text())
+    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_stages(tmp_path_factory, image_folder):
+    root = tmp_path_factory.mktemp("tok")
+    run_script("train_tokenizer.py", "--data", image_folder, "--stage", "1", "--output_dir", root / "s1", "--max_steps", "2", *COMMON)
+    run_script("train_tokenizer.py", "--data", image_folder, "--stage", "2", "--init_from", root / "s1" / "final",
+               "--output_dir", root / "s2", "--max_steps", "2", "--ema_decay", "0.9", *COMMON)
+    return root
+
+
+def test_tokenizer_stages_train_and_save(tokenizer_stages):
+    stage1 = SparTokenizerModel.from_pretrained(tokenizer_stages / "s1" / "final")
+    stage2 = SparTokenizerModel.from_pretrained(tokenizer_stages / "s2" / "final")
+    assert not stage1.config.train_vision_encoder
+    assert stage2.config.train_vision_encoder
+    assert stage2.config.semantic_loss_weight == 1.0
+    # Stage 2 trained the encoder, so it moved away from stage 1's.
+    before = stage1.vision_encoder.embeddings.patch_embedding.weight
+    assert not torch.equal(stage2.vision_encoder.embeddings.patch_embedding.weight, before)
+    # ...while the anchor is stage 1's encoder, untouched.
+    assert torch.equal(stage2.vision_anchor.embeddings.patch_embedding.weight, before)
+
+
+def test_tokenizer_stage2_requires_init(image_folder, tmp_path):
+    with pytest.raises(ValueError, match="--stage 2 needs --init_from"):
+        run_script("train_tokenizer.py", "--data", image_folder, "--stage", "2", "--output_dir", tmp_path, "--max_steps", "1", *COMMON)
+
+
+def test_generator_stages_export_a_pipeline(tmp_path, image_folder, tokenizer_stages, processor_dir):
+    tokenizer = tokenizer_stages / "s2" / "final"
+    run_script("train_generator.py", "--data", image_folder, "--tokenizer", tokenizer, "--processor", processor_dir,
+               "--stage", "1", "--output_dir", tmp_path / "g1", "--max_steps", "2", *COMMON)
+    first = SparForConditionalGeneration.from_pretrained(tmp_path / "g1" / "final")
+    run_script("train_generator.py", "--data", image_folder, "--tokenizer", tokenizer, "--processor", processor_dir,
+               "--stage", "2", "--init_from", tmp_path / "g1" / "final", "--output_dir", tmp_path / "g2",
+               "--max_steps", "2", "--export_pipeline", "--ema_decay", "0.9", *COMMON)
+    second = SparForConditionalGeneration.from_pretrained(tmp_path / "g2" / "final")
+    # Stage 1 kept the DiT frozen; stage 2 trained it.
+    assert not torch.equal(first.transformer.proj_out.weight, second.transformer.proj_out.weight)
+    pipe = SparPipeline.from_pretrained(tmp_path / "g2" / "pipeline")
+    image = pipe("red square", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 16, 16, 3)
+
+
+def test_generator_stage1_leaves_dit_unchanged(tmp_path, image_folder, tokenizer_stages, processor_dir):
+    torch.manual_seed(0)
+    start = SparForConditionalGeneration(preset_configs("tiny")[1])
+    start.save_pretrained(tmp_path / "start")
+    run_script("train_generator.py", "--data", image_folder, "--tokenizer", tokenizer_stages / "s2" / "final",
+               "--processor", processor_dir, "--stage", "1", "--init_from", tmp_path / "start",
+               "--output_dir", tmp_path / "g1", "--max_steps", "2", *COMMON)
+    trained = SparForConditionalGeneration.from_pretrained(tmp_path / "g1" / "final")
+    assert torch.equal(trained.transformer.proj_out.weight, start.transformer.proj_out.weight)
+    assert not torch.equal(trained.connector.proj.weight, start.connector.proj.weight)
+
+
+def test_generator_resume_is_exact(tmp_path, image_folder, tokenizer_stages, processor_dir):
+    args = ["--data", image_folder, "--tokenizer", tokenizer_stages / "s2" / "final", "--processor", processor_dir,
+            "--stage", "2", "--max_steps", "3", "--save_steps", "1", "--ema_decay", "0.9", *COMMON]
+    run_script("train_generator.py", *args, "--output_dir", tmp_path / "full")
+    uninterrupted = logged_losses(tmp_path / "full" / "checkpoint-3")
+    # A run killed after step 2 restarts from its last checkpoint.
+    run_script("train_generator.py", *args, "--output_dir", tmp_path / "full", "--resume_from_checkpoint", tmp_path / "full" / "checkpoint-2")
+    resumed = logged_losses(tmp_path / "full" / "checkpoint-3")
+    assert resumed[3] == pytest.approx(uninterrupted[3], abs=1e-4)
+    assert (tmp_path / "full" / "checkpoint-2" / "ema.safetensors").exists()
+
+
+def test_parquet_data(tmp_path, image_folder):
+    datasets = pytest.importorskip("datasets")
+    dataset = datasets.load_dataset("imagefolder", data_dir=str(image_folder), split="train")
+    dataset.to_parquet(str(tmp_path / "shapes.parquet"))
+    run_script("train_tokenizer.py", "--data", tmp_path / "shapes.parquet", "--output_dir", tmp_path / "out", "--max_steps", "1", *COMMON)
+    assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+
+
+def test_bad_data_path_rejected(tmp_path):
+    with pytest.raises(ValueError, match="must be a folder of images with metadata.jsonl"):
+        run_script("train_tokenizer.py", "--data", tmp_path / "missing.parquet", "--output_dir", tmp_path, "--max_steps", "1", *COMMON)
