@@ -32,7 +32,7 @@ setup(
     long_description_content_type="text/markdown",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    package_data={"spar_hf": ["demo_model/*.json", "demo_model/*/*"]},
+    package_data={"spar_hf": ["demo_model/*.json", "demo_model/*.md", "demo_model/*/*"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
