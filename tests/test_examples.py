@@ -137,3 +137,28 @@ def test_parquet_data(tmp_path, image_folder):
 def test_bad_data_path_rejected(tmp_path):
     with pytest.raises(ValueError, match="must be a folder of images with metadata.jsonl"):
         run_script("train_tokenizer.py", "--data", tmp_path / "missing.parquet", "--output_dir", tmp_path, "--max_steps", "1", *COMMON)
+
+
+@pytest.mark.parametrize("lora", [None, "transformer", "mllm,transformer"])
+def test_finetune_exports_pipeline(tmp_path, image_folder, tiny_pipeline, lora):
+    tiny_pipeline.save_pretrained(tmp_path / "start")
+    extra = ["--lora", lora] if lora else []
+    run_script("finetune.py", "--pipeline", tmp_path / "start", "--data", image_folder, "--output_dir", tmp_path / "ft",
+               "--max_steps", "2", "--learning_rate", "1e-2", *extra, *COMMON)
+    tuned = SparPipeline.from_pretrained(tmp_path / "ft" / "pipeline")
+    before = tiny_pipeline.model.transformer.transformer_blocks[0].attn1.to_q.weight
+    after = tuned.model.transformer.transformer_blocks[0].attn1.to_q.weight
+    assert not torch.equal(before, after)  # trained, or LoRA merged into the base weight
+    if lora:
+        assert (tmp_path / "ft" / "lora").is_dir()
+        # LoRA trains adapters only: the connector, trained by full fine-tuning, is unchanged.
+        assert torch.equal(tuned.model.connector.proj.weight, tiny_pipeline.model.connector.proj.weight)
+    image = tuned("red square", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 16, 16, 3)
+
+
+def test_finetune_rejects_unknown_lora_target(tmp_path, image_folder, tiny_pipeline):
+    tiny_pipeline.save_pretrained(tmp_path / "start")
+    with pytest.raises(ValueError, match="--lora got \\['vae'\\]"):
+        run_script("finetune.py", "--pipeline", tmp_path / "start", "--data", image_folder, "--output_dir", tmp_path / "ft",
+                   "--max_steps", "1", "--lora", "vae", *COMMON)

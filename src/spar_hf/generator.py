@@ -316,6 +316,15 @@ class SparForConditionalGeneration(SparPreTrainedModel):
 
     # ----------------------------------------------------------------------------- conditioning
 
+    def get_input_embeddings(self) -> nn.Module:
+        """Return the MLLM's token embeddings, which `_append_queries` calls directly.
+
+        Without this override transformers raises here. accelerate's FSDP2 preparation and
+        `spar_hf.distributed.shard_model` call it to give the embeddings an FSDP group of their own,
+        which the direct call needs because it runs outside the forward of their parent module.
+        """
+        return self.mllm.get_input_embeddings()
+
     def _append_queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Place the queries right after each prompt's last real token, then padding.
 

@@ -2,7 +2,7 @@
 
 For every token, a router reads the token's own normalised states across the selected layers and
 predicts softmax weights over those layers; the output is the weighted sum of the per-layer
-normalised states. A scalar gate, initialised to zero, blends this mixture with the last selected
+normalised states. A gate (one value), initialised to zero, blends this mixture with the last selected
 layer, so a freshly built router returns exactly the last layer and learns to depart from it.
 """
 
@@ -35,7 +35,15 @@ class DynamicTokenRouter(nn.Module):
             # layer exactly; the gate's gradient is non-zero, so routing starts to learn at step one.
             nn.init.zeros_(self.router.weight)
             nn.init.zeros_(self.router.bias)
-            self.gate = nn.Parameter(torch.zeros(()))
+            # Shape (1,) rather than a 0-dim scalar, which FSDP2's `fully_shard` rejects.
+            self.gate = nn.Parameter(torch.zeros(1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the gate became 1-D store it as a 0-dim tensor.
+        gate = state_dict.get(prefix + "gate")
+        if gate is not None and gate.ndim == 0:
+            state_dict[prefix + "gate"] = gate.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, hidden_states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Route a list of `K` tensors of shape `(B, T, D)`.

@@ -304,6 +304,10 @@ class SparTokenizerModel(SparTokenizerPreTrainedModel):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    def get_input_embeddings(self) -> None:
+        """Return None: the tokenizer reads pixels and has no token embeddings (accelerate's FSDP2 preparation asks)."""
+        return None
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """Load as usual; when the anchor is missing (stage 2 started from a stage 1 checkpoint), copy it from the encoder."""
