@@ -17,7 +17,7 @@ IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP
 
 
 def default_model_path() -> str:
-    """The demo pipeline shipped inside the package."""
+    """Return the path of the demo pipeline shipped inside the package."""
     return str(resources.files("spar_hf") / "demo_model")
 
 

@@ -380,7 +380,7 @@ class SparForConditionalGeneration(SparPreTrainedModel):
         return self.connector(routed), weights  # (B, Q, Dc), (B, Q, K)
 
     def null_encoder_hidden_states(self, batch_size: int) -> torch.Tensor:
-        """The learned unconditional condition, of shape `(batch_size, num_queries, caption_channels)`."""
+        """Return the learned unconditional condition, of shape `(batch_size, num_queries, caption_channels)`."""
         return self.null_condition[None].expand(batch_size, -1, -1)
 
     # ----------------------------------------------------------------------------- training

@@ -31,8 +31,8 @@ class DynamicTokenRouter(nn.Module):
         self.layer_norms = nn.ModuleList(nn.LayerNorm(hidden_size) for _ in range(num_layers))
         if mode == "dtr":
             self.router = nn.Linear(hidden_size * num_layers, num_layers)
-            # Zero weights give uniform router logits, and the zero gate makes the output the last
-            # layer exactly; the gate's gradient is non-zero, so routing starts to learn at step one.
+            # Zero weights give uniform router logits, and the zero gate makes the output exactly the
+            # last layer. The gate's gradient is non-zero, so routing starts to learn at step one.
             nn.init.zeros_(self.router.weight)
             nn.init.zeros_(self.router.bias)
             # Shape (1,) rather than a 0-dim scalar, which FSDP2's `fully_shard` rejects.

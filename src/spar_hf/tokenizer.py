@@ -305,7 +305,7 @@ class SparTokenizerModel(SparTokenizerPreTrainedModel):
                 nn.init.zeros_(module.bias)
 
     def get_input_embeddings(self) -> None:
-        """Return None: the tokenizer reads pixels and has no token embeddings (accelerate's FSDP2 preparation asks)."""
+        """Return None: the tokenizer reads pixels and has no token embeddings. accelerate's FSDP2 preparation calls this."""
         return None
 
     @classmethod
