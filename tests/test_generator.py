@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -26,6 +28,14 @@ def _batch(batch=3, length=6, seed=0):
     latents = torch.randn(batch, 4, 4, 4, generator=generator)
     features = torch.randn(batch, 16, 32, generator=generator)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "latents": latents, "semantic_features": features}
+
+
+def test_dtr_entropy_and_gate_at_initialisation(tiny_generator):
+    out = tiny_generator(**_batch())
+    # The router starts uniform over the 3 layers while the zero gate keeps the output on the last one.
+    assert out.routing_entropy.item() == pytest.approx(math.log(3), abs=1e-6)
+    assert out.routing_gate.item() == 0
+    assert torch.equal(out.routing_weights[..., -1], torch.ones(3, 4))
 
 
 def test_forward_losses_and_shapes(tiny_generator):
@@ -112,7 +122,8 @@ def test_routing_ablation_modes(mode):
     _, config = preset_configs("tiny", generator_routing_mode=mode)
     model = SparForConditionalGeneration(config)
     out = model(**_batch())
-    assert out.routing_entropy.item() == 0
+    assert out.routing_entropy.item() == pytest.approx(math.log(3) if mode == "mean" else 0.0, abs=1e-6)
+    assert out.routing_gate is None
     expected = torch.full((3,), 1 / 3) if mode == "mean" else torch.tensor([0.0, 0.0, 1.0])
     assert torch.allclose(out.routing_weights[0, 0], expected)
 

@@ -14,22 +14,23 @@ def _layers(k=3, b=2, t=5, d=8, seed=0):
 def test_dtr_starts_as_last_layer():
     router = DynamicTokenRouter(8, 3, "dtr")
     layers = _layers()
-    routed, weights = router(layers)
+    routed, weights, _ = router(layers)
     assert torch.equal(routed, router.layer_norms[-1](layers[-1]))
     assert torch.equal(weights[..., -1], torch.ones(2, 5))
 
 
 def test_dtr_weights_sum_to_one_after_training_step():
     router = DynamicTokenRouter(8, 3, "dtr")
-    routed, _ = router(_layers())
+    routed, _, _ = router(_layers())
     routed.pow(2).sum().backward()
     assert router.gate.grad is not None
     assert router.gate.grad.abs().item() > 0
     with torch.no_grad():
         router.gate.fill_(0.5)
         router.router.weight.normal_()
-    _, weights = router(_layers(seed=1))
+    _, weights, probabilities = router(_layers(seed=1))
     assert torch.allclose(weights.sum(-1), torch.ones(2, 5))
+    assert torch.allclose(weights, 0.5 * probabilities + 0.5 * torch.tensor([0.0, 0.0, 1.0]))
     # Different tokens now get different weights: the routing is per token.
     assert not torch.allclose(weights[0, 0], weights[0, 1])
 
@@ -37,7 +38,7 @@ def test_dtr_weights_sum_to_one_after_training_step():
 def test_mean_mode_averages_normalised_layers():
     router = DynamicTokenRouter(8, 3, "mean")
     layers = _layers()
-    routed, weights = router(layers)
+    routed, weights, _ = router(layers)
     expected = sum(norm(h) for norm, h in zip(router.layer_norms, layers)) / 3
     assert torch.allclose(routed, expected, atol=1e-6)
     assert torch.allclose(weights, torch.full((2, 5, 3), 1 / 3))
@@ -46,7 +47,7 @@ def test_mean_mode_averages_normalised_layers():
 def test_last_mode_has_no_router():
     router = DynamicTokenRouter(8, 3, "last")
     assert not hasattr(router, "router")
-    routed, _ = router(_layers())
+    routed, _, _ = router(_layers())
     assert torch.equal(routed, router.layer_norms[-1](_layers()[-1]))
 
 

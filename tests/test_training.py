@@ -78,9 +78,10 @@ def test_generator_trains_logs_and_leaves_mllm_unchanged(tmp_path, tiny_configs,
     SparTrainer(model=model, args=_args(tmp_path, 2), train_dataset=_generator_dataset(tiny_tokenizer_model),
                 data_collator=PromptCollator(text_processor), callbacks=[recorder]).train()
     step_logs = [log for log in recorder.logs if "loss" in log]
-    assert {"loss_flow", "loss_align", "routing_entropy"} <= set(step_logs[-1])
+    assert {"loss_flow", "loss_align", "routing_entropy", "routing_gate"} <= set(step_logs[-1])
     assert all(torch.equal(v, model.mllm.state_dict()[k]) for k, v in mllm_before.items())
-    assert step_logs[-1]["routing_entropy"] > 0  # after one update the gate has opened
+    assert step_logs[0]["routing_gate"] == 0
+    assert step_logs[-1]["routing_gate"] != 0  # the first update opened the gate
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, tiny_configs, tiny_tokenizer_model, text_processor):

@@ -183,7 +183,9 @@ class SparOutput(ModelOutput):
         loss: `loss_flow + align_loss_weight * loss_align`.
         loss_flow: Flow-matching MSE on the velocity.
         loss_align: Negative-cosine self-alignment loss, `1 - cos` averaged over tokens.
-        routing_entropy: Mean entropy of the effective routing weights (0 for `last` and at initialisation).
+        routing_entropy: Mean entropy (nats) of the router's softmax over layers: log(K) for uniform
+            weights, 0 for `last`.
+        routing_gate: The DTR gate that blends the router's mixture with the last layer (0 at initialisation).
         routing_weights (`(batch_size, num_queries, num_routed_layers)`): Effective layer weights.
         model_output (`(batch_size, C, H, W)`): Predicted velocity.
     """
@@ -192,6 +194,7 @@ class SparOutput(ModelOutput):
     loss_flow: torch.Tensor | None = None
     loss_align: torch.Tensor | None = None
     routing_entropy: torch.Tensor | None = None
+    routing_gate: torch.Tensor | None = None
     routing_weights: torch.Tensor | None = None
     model_output: torch.Tensor | None = None
 
@@ -240,6 +243,7 @@ class SparForConditionalGeneration(SparPreTrainedModel):
         self.align_projector = None
         self._aligned_states = None
         self._capture_alignment = False
+        self._router_probabilities = None
         # Runtime switch, not saved: generator stage 1 trains without alignment (the DiT is frozen).
         self.alignment_enabled = config.align_loss_weight > 0
         if config.align_loss_weight > 0:
@@ -376,7 +380,8 @@ class SparForConditionalGeneration(SparPreTrainedModel):
         )
         gather_index = query_index[..., None].expand(-1, -1, inputs_embeds.shape[-1])  # (B, Q, D)
         layers = [outputs.hidden_states[i].gather(1, gather_index) for i in self.config.routing_layers]  # K x (B, Q, D)
-        routed, weights = self.router(layers)  # (B, Q, D), (B, Q, K)
+        routed, weights, probabilities = self.router(layers)  # (B, Q, D), (B, Q, K), (B, Q, K)
+        self._router_probabilities = probabilities
         return self.connector(routed), weights  # (B, Q, Dc), (B, Q, K)
 
     def null_encoder_hidden_states(self, batch_size: int) -> torch.Tensor:
@@ -443,10 +448,12 @@ class SparForConditionalGeneration(SparPreTrainedModel):
         if use_alignment:
             loss_align = self._alignment_loss(semantic_features)
 
-        entropy = routing_entropy(weights.detach().float()) if config.routing_mode == "dtr" else loss_align.new_zeros(())
+        entropy = routing_entropy(self._router_probabilities.detach().float())
+        self._router_probabilities = None
         loss = loss_flow + config.align_loss_weight * loss_align
         output = SparOutput(
             loss=loss, loss_flow=loss_flow, loss_align=loss_align, routing_entropy=entropy,
+            routing_gate=self.router.gate.detach().reshape(()) if config.routing_mode == "dtr" else None,
             routing_weights=weights, model_output=model_output,
         )
         return output if return_dict else output.to_tuple()

@@ -35,6 +35,7 @@ class DynamicTokenRouter(nn.Module):
             # last layer. The gate's gradient is non-zero, so routing starts to learn at step one.
             nn.init.zeros_(self.router.weight)
             nn.init.zeros_(self.router.bias)
+            self.router._is_hf_initialized = True  # keeps the zeros through a parent model's `post_init`
             # Shape (1,) rather than a 0-dim scalar, which FSDP2's `fully_shard` rejects.
             self.gate = nn.Parameter(torch.zeros(1))
 
@@ -45,12 +46,13 @@ class DynamicTokenRouter(nn.Module):
             state_dict[prefix + "gate"] = gate.reshape(1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, hidden_states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden_states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Route a list of `K` tensors of shape `(B, T, D)`.
 
         Returns:
-            `(routed, weights)`: `routed` of shape `(B, T, D)` and the effective per-token layer
-            weights of shape `(B, T, K)`; each row sums to one.
+            `(routed, weights, probabilities)`: `routed` of shape `(B, T, D)`; the effective per-token
+            layer weights of shape `(B, T, K)`, whose rows sum to one; and the router's own softmax of
+            the same shape (equal to `weights` for `last` and `mean`).
         """
         if len(hidden_states) != self.num_layers:
             raise ValueError(f"Expected {self.num_layers} hidden-state layers, got {len(hidden_states)}.")
@@ -59,14 +61,16 @@ class DynamicTokenRouter(nn.Module):
         last = torch.zeros(K, dtype=normed.dtype, device=normed.device)
         last[-1] = 1
         if self.mode == "last":
-            weights = last.expand(B, T, K)  # (B, T, K)
+            weights = probabilities = last.expand(B, T, K)  # (B, T, K)
         elif self.mode == "mean":
-            weights = torch.full((B, T, K), 1.0 / K, dtype=normed.dtype, device=normed.device)
+            weights = probabilities = torch.full((B, T, K), 1.0 / K, dtype=normed.dtype, device=normed.device)
         else:
-            router_weights = self.router(normed.reshape(B, T, K * D)).softmax(dim=-1)  # (B, T, K)
-            weights = self.gate * router_weights + (1 - self.gate) * last  # (B, T, K)
+            probabilities = self.router(normed.reshape(B, T, K * D)).softmax(dim=-1)  # (B, T, K)
+            # NOTE: the gate is not bounded, so once it leaves [0, 1] the effective weights can
+            # extrapolate (a weight below 0 or above 1) while still summing to one.
+            weights = self.gate * probabilities + (1 - self.gate) * last  # (B, T, K)
         routed = torch.einsum("btk,btkd->btd", weights, normed)  # (B, T, D)
-        return routed, weights
+        return routed, weights, probabilities
 
 
 def routing_entropy(weights: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from .tokenizer import SparTokenizerModel
 
 logger = logging.get_logger(__name__)
 
-LOGGED_TERMS = ("loss_rec", "loss_pixel", "loss_sem", "loss_flow", "loss_align", "routing_entropy")
+LOGGED_TERMS = ("loss_rec", "loss_pixel", "loss_sem", "loss_flow", "loss_align", "routing_entropy", "routing_gate")
 
 
 class SparTrainer(Trainer):
