@@ -64,12 +64,3 @@ def test_wrong_layer_count_rejected():
 def test_entropy_of_uniform_and_one_hot():
     assert routing_entropy(torch.full((4, 3), 1 / 3)).item() == pytest.approx(math.log(3))
     assert routing_entropy(torch.tensor([[0.0, 0.0, 1.0]])).item() == pytest.approx(0.0, abs=1e-9)
-
-
-def test_scalar_gate_checkpoints_still_load():
-    router = DynamicTokenRouter(8, 3, "dtr")
-    state = router.state_dict()
-    state["gate"] = torch.tensor(0.25)  # 0-dim, as written before the gate became 1-D
-    router.load_state_dict(state)
-    assert router.gate.shape == (1,)
-    assert router.gate.item() == 0.25

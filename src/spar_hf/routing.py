@@ -39,13 +39,6 @@ class DynamicTokenRouter(nn.Module):
             # Shape (1,) rather than a 0-dim scalar, which FSDP2's `fully_shard` rejects.
             self.gate = nn.Parameter(torch.zeros(1))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints written before the gate became 1-D store it as a 0-dim tensor.
-        gate = state_dict.get(prefix + "gate")
-        if gate is not None and gate.ndim == 0:
-            state_dict[prefix + "gate"] = gate.reshape(1)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def forward(self, hidden_states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Route a list of `K` tensors of shape `(B, T, D)`.
 
