@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -48,9 +50,9 @@ def test_failed_generate_keeps_existing_output(tmp_path, pipeline_dir, capsys):
     [
         (["generate", "sun", "-o", "out.gif"], "unsupported extension"),
         (["generate", "sun", "-o", "missing_dir/out.png"], "does not exist"),
-        (["generate", "sun", "-o", "out.png", "--steps", "0"], "`num_inference_steps` must be an integer >= 1"),
-        (["generate", "sun", "-o", "out.png", "--guidance", "-2"], "`guidance_scale` must be a number >= 0"),
-        (["generate", "sun", "-o", "out.png", "--size", "18"], "`height` must be a positive multiple of 4"),
+        (["generate", "sun", "-o", "out.png", "--steps", "0"], "--steps must be >= 1. Got 0."),
+        (["generate", "sun", "-o", "out.png", "--guidance", "-2"], "--guidance must be >= 0"),
+        (["generate", "sun", "-o", "out.png", "--size", "18"], "--size must be a positive multiple of 4. Got 18."),
         (["generate", "sun", "-o", "out.png", "--upscale", "0"], "--upscale must be >= 1"),
         (["reconstruct", "nothing.png", "-o", "out.png"], "does not exist"),
     ],
@@ -59,6 +61,19 @@ def test_bad_arguments(tmp_path, pipeline_dir, monkeypatch, capsys, argv, messag
     monkeypatch.chdir(tmp_path)
     assert main([*argv, "--model", str(pipeline_dir)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    assert main(["generate", "sun", "-o", str(tmp_path / "a.png"), "--model", str(tmp_path / "nothing")]) == 2
+    assert "is not an existing folder" in capsys.readouterr().err
+
+
+def test_output_file_gets_usual_mode(tmp_path, pipeline_dir):
+    out = tmp_path / "mode.png"
+    main(["--quiet", "generate", "sun", "-o", str(out), "--model", str(pipeline_dir), "--steps", "1"])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_reconstruct(tmp_path, pipeline_dir):

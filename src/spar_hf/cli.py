@@ -38,6 +38,9 @@ def save_image_atomically(image: Image.Image, path: str, image_format: str) -> N
     try:
         with os.fdopen(handle, "wb") as f:
             image.save(f, format=image_format)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
@@ -48,9 +51,16 @@ def generate(args: argparse.Namespace) -> None:
     from .pipeline import SparPipeline
 
     image_format = _output_format(args.output)
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1. Got {args.steps}.")
+    if args.guidance < 0:
+        raise ValueError(f"--guidance must be >= 0 (values <= 1 disable guidance). Got {args.guidance}.")
     pipe = SparPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=args.quiet)
     size = args.size or pipe.vae.config.image_size
+    multiple = pipe.vae_scale_factor * pipe.model.transformer.config.patch_size
+    if size % multiple != 0 or size <= 0:
+        raise ValueError(f"--size must be a positive multiple of {multiple}. Got {size}.")
     image = pipe(
         args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
         height=size, width=size, generator=torch.Generator().manual_seed(args.seed),
@@ -92,19 +102,19 @@ def reconstruct(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spar", description="SPAR: generate and reconstruct images.")
-    parser.add_argument("--quiet", action="store_true", help="Hide progress bars and info logs.")
+    parser.add_argument("--quiet", action="store_true", help="Hide progress bars and info logs (put it before the command).")
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="Generate an image from a text prompt.")
     gen.add_argument("prompt", help="What to draw, e.g. 'red apple'.")
     gen.add_argument("-o", "--output", required=True, help="Output image file (.png, .jpg, .webp, .bmp).")
     gen.add_argument("--model", default=default_model_path(), help="Pipeline folder or Hub repo id (default: the shipped demo).")
-    gen.add_argument("--seed", type=int, default=0, help="Seed of the initial noise.")
-    gen.add_argument("--steps", type=int, default=20, help="Number of denoising steps.")
-    gen.add_argument("--guidance", type=float, default=4.5, help="Classifier-free guidance scale (<= 1 disables it).")
+    gen.add_argument("--seed", type=int, default=0, help="Seed of the initial noise (default: 0).")
+    gen.add_argument("--steps", type=int, default=20, help="Number of denoising steps (default: 20).")
+    gen.add_argument("--guidance", type=float, default=4.5, help="Classifier-free guidance scale; <= 1 disables it (default: 4.5).")
     gen.add_argument("--negative-prompt", default=None, help="Negative prompt (default: the learned null condition).")
     gen.add_argument("--size", type=int, default=None, help="Height and width in pixels (default: the model's resolution).")
-    gen.add_argument("--upscale", type=int, default=1, help="Nearest-neighbour enlargement factor for viewing.")
+    gen.add_argument("--upscale", type=int, default=1, help="Nearest-neighbour enlargement factor for viewing (default: 1).")
     gen.set_defaults(func=generate)
 
     rec = commands.add_parser("reconstruct", help="Encode and decode an image through the SPAR tokenizer.")
@@ -119,8 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if args.quiet:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     if getattr(args, "upscale", 1) < 1:
-        print(f"spar: error: --upscale must be >= 1. Got {args.upscale}.", file=sys.stderr)
+        print(f"spar {args.command}: error: --upscale must be >= 1. Got {args.upscale}.", file=sys.stderr)
         return 2
     try:
         args.func(args)

@@ -296,8 +296,18 @@ class SparForConditionalGeneration(SparPreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         """Load as usual, then fill MLLM weights from `mllm_pretrained_path` when the checkpoint leaves them out."""
         output_loading_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        # transformers reports every missing key as "newly initialized"; the MLLM keys are expected to be
+        # missing when `mllm_pretrained_path` provides them, so the report is replaced by our own below.
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        finally:
+            logging.set_verbosity(verbosity)
         missing = {k for k in info["missing_keys"] if k.startswith("mllm.")}
+        others = sorted(set(info["missing_keys"]) - missing)
+        if others:
+            logger.warning("%d weights were missing from the checkpoint and are newly initialised, e.g. %s", len(others), others[:3])
         if missing and model.config.mllm_pretrained_path:
             model.load_mllm_weights(model.config.mllm_pretrained_path)
             info["missing_keys"] = set(info["missing_keys"]) - missing

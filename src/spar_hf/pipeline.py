@@ -64,6 +64,11 @@ class SparPipeline(DiffusionPipeline):
         `huggingface_hub.snapshot_download` (which honours `HF_HUB_OFFLINE`), then loaded as a folder.
         """
         path = str(pretrained_model_name_or_path)
+        if not os.path.isdir(path) and (os.path.exists(path) or path.startswith(("/", "./", "../", "~")) or path.count("/") > 1):
+            raise ValueError(
+                f"`pretrained_model_name_or_path` {path!r} is not an existing folder; pass a folder written by "
+                "`SparPipeline.save_pretrained` or a Hub repo id such as 'org/name'."
+            )
         if not os.path.isdir(path):
             from huggingface_hub import snapshot_download
 
@@ -136,7 +141,7 @@ class SparPipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"`generator` is a list of {len(generator)} generators but the batch has {batch_size} images "
-                f"({len(prompts)} prompts x {num_images_per_prompt} per prompt); pass one generator per image or a single one."
+                f"({len(prompts)} prompt(s) x {num_images_per_prompt} per prompt); pass one generator per image or a single one."
             )
         if latents is not None:
             expected = (batch_size, self.vae.config.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -173,7 +178,7 @@ class SparPipeline(DiffusionPipeline):
         if getattr(self.processor, "image_processor", None) is None or not hasattr(self.model.config.mllm_config, "vision_config"):
             raise ValueError(
                 f"`image` (editing) needs an MLLM with a vision tower and an image processor; this model's MLLM is "
-                f"{self.model.config.mllm_config.model_type!r} with processor {type(self.processor).__name__}, which read text only."
+                f"{self.model.config.mllm_config.model_type!r} with processor {type(self.processor).__name__}, which reads text only."
             )
 
     # ----------------------------------------------------------------------------- 2. conditioning
