@@ -243,7 +243,6 @@ class SparForConditionalGeneration(SparPreTrainedModel):
         self.align_projector = None
         self._aligned_states = None
         self._capture_alignment = False
-        self._router_probabilities = None
         # Runtime switch, not saved: generator stage 1 trains without alignment (the DiT is frozen).
         self.alignment_enabled = config.align_loss_weight > 0
         if config.align_loss_weight > 0:
@@ -381,6 +380,11 @@ class SparForConditionalGeneration(SparPreTrainedModel):
             `(encoder_hidden_states, routing_weights)` of shapes `(batch_size, num_queries, caption_channels)`
             and `(batch_size, num_queries, num_routed_layers)`.
         """
+        condition, weights, _ = self._condition_and_routing(input_ids, attention_mask, pixel_values)
+        return condition, weights
+
+    def _condition_and_routing(self, input_ids, attention_mask, pixel_values):
+        """Return `encode_condition`'s outputs plus the router's own softmax, which training logs."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         inputs_embeds, mask, query_index = self._append_queries(input_ids, attention_mask)
@@ -391,8 +395,7 @@ class SparForConditionalGeneration(SparPreTrainedModel):
         gather_index = query_index[..., None].expand(-1, -1, inputs_embeds.shape[-1])  # (B, Q, D)
         layers = [outputs.hidden_states[i].gather(1, gather_index) for i in self.config.routing_layers]  # K x (B, Q, D)
         routed, weights, probabilities = self.router(layers)  # (B, Q, D), (B, Q, K), (B, Q, K)
-        self._router_probabilities = probabilities
-        return self.connector(routed), weights  # (B, Q, Dc), (B, Q, K)
+        return self.connector(routed), weights, probabilities  # (B, Q, Dc), (B, Q, K), (B, Q, K)
 
     def null_encoder_hidden_states(self, batch_size: int) -> torch.Tensor:
         """Return the learned unconditional condition, of shape `(batch_size, num_queries, caption_channels)`."""
@@ -434,7 +437,7 @@ class SparForConditionalGeneration(SparPreTrainedModel):
         if use_alignment and semantic_features is None:
             raise ValueError("`semantic_features` are required when `align_loss_weight` > 0 (self-alignment is on).")
 
-        condition, weights = self.encode_condition(input_ids, attention_mask, pixel_values)  # (B, Q, Dc), (B, Q, K)
+        condition, weights, probabilities = self._condition_and_routing(input_ids, attention_mask, pixel_values)
         if self.training and config.cond_dropout_prob > 0:
             drop = torch.rand(B, device=latents.device) < config.cond_dropout_prob  # (B,)
             condition = torch.where(drop[:, None, None], self.null_encoder_hidden_states(B).to(condition.dtype), condition)
@@ -458,8 +461,7 @@ class SparForConditionalGeneration(SparPreTrainedModel):
         if use_alignment:
             loss_align = self._alignment_loss(semantic_features)
 
-        entropy = routing_entropy(self._router_probabilities.detach().float())
-        self._router_probabilities = None
+        entropy = routing_entropy(probabilities.detach().float())
         loss = loss_flow + config.align_loss_weight * loss_align
         output = SparOutput(
             loss=loss, loss_flow=loss_flow, loss_align=loss_align, routing_entropy=entropy,

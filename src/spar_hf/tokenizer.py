@@ -419,9 +419,14 @@ class SparTokenizerModel(SparTokenizerPreTrainedModel):
         sample = self.decoder(latents)  # (B, 3, H, W)
 
         zero = sample.new_zeros(())
+        frozen_features = None  # frozen vision features of the input, shared by the feature loss and L_s
+        if config.rec_feature_weight > 0 or config.semantic_loss_weight > 0:
+            frozen_features = self._frozen_input_features(pixel_values, vision_grid)  # (B, Dv, h', w')
+
         loss_rec = config.rec_l2_weight * F.mse_loss(sample, pixel_values) + config.rec_l1_weight * F.l1_loss(sample, pixel_values)
         if config.rec_feature_weight > 0:
-            loss_rec = loss_rec + config.rec_feature_weight * self._feature_loss(sample, pixel_values)
+            predicted = self.vision_features(sample, use_anchor=True)  # gradients reach `sample` only
+            loss_rec = loss_rec + config.rec_feature_weight * (1 - F.cosine_similarity(predicted, frozen_features, dim=1).mean())
 
         loss_pixel = zero
         if self.pixel_teacher is not None and config.pixel_loss_weight > 0:
@@ -431,9 +436,7 @@ class SparTokenizerModel(SparTokenizerPreTrainedModel):
 
         loss_sem = zero
         if config.semantic_loss_weight > 0 and vision_grid is not None:
-            with torch.no_grad():
-                anchor = self.vision_features(pixel_values, use_anchor=True)  # (B, Dv, h', w')
-            loss_sem = 1 - F.cosine_similarity(vision_grid, anchor, dim=1).mean()
+            loss_sem = 1 - F.cosine_similarity(vision_grid, frozen_features, dim=1).mean()
 
         loss = loss_rec + config.pixel_loss_weight * loss_pixel + config.semantic_loss_weight * loss_sem
         output = SparTokenizerOutput(
@@ -441,12 +444,14 @@ class SparTokenizerModel(SparTokenizerPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    def _feature_loss(self, sample: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Perceptual term: 1 - cosine between frozen vision features of the reconstruction and the input.
+    @torch.no_grad()
+    def _frozen_input_features(self, pixel_values: torch.Tensor, vision_grid: torch.Tensor | None) -> torch.Tensor:
+        """Return the frozen encoder's features of the input: the anchor's when the encoder trains.
 
-        The anchor is used when the encoder trains, so this term never moves encoder weights.
+        A frozen encoder already produced them in the semantic stream, so they are reused. The feature
+        loss compares the reconstruction with them through the same frozen network, so it never moves
+        encoder weights.
         """
-        with torch.no_grad():
-            target = self.vision_features(pixel_values, use_anchor=True)  # (B, Dv, h', w')
-        predicted = self.vision_features(sample, use_anchor=True)  # gradients reach `sample` only
-        return 1 - F.cosine_similarity(predicted, target, dim=1).mean()
+        if self.vision_anchor is None and vision_grid is not None:
+            return vision_grid.detach()
+        return self.vision_features(pixel_values, use_anchor=True)

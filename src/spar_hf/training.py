@@ -250,12 +250,13 @@ class SparGeneratorTrainer(SparTrainer):
             if self.tokenizer_model is None:
                 raise ValueError("Batches with `target_pixel_values` need `tokenizer_model` to encode them.")
             pixels = inputs.pop("target_pixel_values")
-            config = model.config if hasattr(model, "config") else model.module.config
-            grid = pixels.shape[-1] // self.tokenizer_model.config.downsample_ratio // config.transformer_config["patch_size"]
-            self.tokenizer_model.to(pixels.device)
+            unwrapped = model if hasattr(model, "alignment_enabled") else model.module  # DDP wraps in `.module`
+            patch_size = unwrapped.config.transformer_config["patch_size"]
+            grid = pixels.shape[-1] // self.tokenizer_model.config.downsample_ratio // patch_size
+            if self.tokenizer_model.device != pixels.device:
+                self.tokenizer_model.to(pixels.device)
             latents, features = extract_generator_targets(self.tokenizer_model, pixels, grid, batch_size=len(pixels))
             inputs["latents"] = latents
-            unwrapped = model if hasattr(model, "alignment_enabled") else model.module
             if unwrapped.alignment_enabled:
                 inputs["semantic_features"] = features
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
