@@ -5,8 +5,8 @@ an accelerator, `--dtype bfloat16` measures mixed precision. Each stage is timed
 number of optimizer steps after warm-up; samples/s counts images.
 
 The DTR + alignment share compares, in the same process and with the same weights, a full step
-against one with `routing_mode="last"` and alignment switched off; the difference over the full
-step is their cost.
+with one that uses `routing_mode="last"` and no alignment. Their difference, over the full step,
+is the cost of DTR and alignment.
 
 Usage: python benchmarks/bench_training.py [--steps 10] [--batch-size 32] [--device cpu]
 """

@@ -295,8 +295,8 @@ class SparForConditionalGeneration(SparPreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         """Load as usual, then fill MLLM weights from `mllm_pretrained_path` when the checkpoint leaves them out."""
         output_loading_info = kwargs.pop("output_loading_info", False)
-        # transformers reports every missing key as "newly initialized"; the MLLM keys are expected to be
-        # missing when `mllm_pretrained_path` provides them, so the report is replaced by our own below.
+        # transformers reports every missing key as "newly initialized". The MLLM keys are missing on
+        # purpose when `mllm_pretrained_path` provides them, so a narrower warning below replaces the report.
         verbosity = logging.get_verbosity()
         logging.set_verbosity_error()
         try:

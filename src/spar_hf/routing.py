@@ -1,7 +1,7 @@
 """Dynamic Token Routing (DTR): per-token mixing of several MLLM layers.
 
 For every token, a router reads the token's own normalised states across the selected layers and
-predicts softmax weights over those layers; the output is the weighted sum of the per-layer
+predicts softmax weights over those layers. The output is the weighted sum of the per-layer
 normalised states. A gate (one value), initialised to zero, blends this mixture with the last selected
 layer, so a freshly built router returns exactly the last layer and learns to depart from it.
 """
@@ -43,9 +43,10 @@ class DynamicTokenRouter(nn.Module):
         """Route a list of `K` tensors of shape `(B, T, D)`.
 
         Returns:
-            `(routed, weights, probabilities)`: `routed` of shape `(B, T, D)`; the effective per-token
-            layer weights of shape `(B, T, K)`, whose rows sum to one; and the router's own softmax of
-            the same shape (equal to `weights` for `last` and `mean`).
+            `(routed, weights, probabilities)`. `routed` has shape `(B, T, D)`. `weights` are the
+            effective per-token layer weights of shape `(B, T, K)`, whose rows sum to one.
+            `probabilities` is the router's own softmax of the same shape, equal to `weights` for
+            `last` and `mean`.
         """
         if len(hidden_states) != self.num_layers:
             raise ValueError(f"Expected {self.num_layers} hidden-state layers, got {len(hidden_states)}.")
