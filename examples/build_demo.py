@@ -27,6 +27,7 @@ from spar_hf.generator import resolve_pretrained_path
 from spar_hf.presets import MINILM_PACKAGE_PATH, preset_configs
 from spar_hf.training import (
     DictDataset,
+    EMACallback,
     PromptCollator,
     SparTrainer,
     VisionTextContrastiveModel,
@@ -116,11 +117,18 @@ def build_generator(args, emoji_pixels, captions) -> None:
     model.load_mllm_weights(generator_config.mllm_pretrained_path)
     text_tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained_path(MINILM_PACKAGE_PATH))
     dataset = DictDataset(caption=captions, latents=latents, semantic_features=features)
-    trainer = SparTrainer(
-        model=model, args=training_arguments(f"{args.output_dir}/generator_run", args.generator_steps, 64, 4e-4, args.seed),
-        train_dataset=dataset, data_collator=PromptCollator(text_tokenizer),
-    )
+    run_args = training_arguments(f"{args.output_dir}/generator_run", args.generator_steps, args.generator_batch_size,
+                                  args.generator_learning_rate, args.seed)
+    callbacks = [EMACallback(model, decay=args.generator_ema_decay)] if args.generator_ema_decay > 0 else []
+    trainer = SparTrainer(model=model, args=run_args, train_dataset=dataset, data_collator=PromptCollator(text_tokenizer),
+                          callbacks=callbacks)
     trainer.train()
+    if not callbacks:
+        model.save_pretrained(f"{args.output_dir}/generator")
+        return
+    # The average only reads the weights, so `generator_raw` is exactly what a run without EMA ends with.
+    model.save_pretrained(f"{args.output_dir}/generator_raw")
+    callbacks[0].copy_to_model()
     model.save_pretrained(f"{args.output_dir}/generator")
 
 
@@ -172,9 +180,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vision-steps", type=int, default=300)
     parser.add_argument("--dcae-steps", type=int, default=500)
-    parser.add_argument("--tokenizer-steps", type=int, default=1200, help="Tokenizer stage 1 steps.")
-    parser.add_argument("--tokenizer-stage2-steps", type=int, default=300, help="Tokenizer stage 2 steps.")
-    parser.add_argument("--generator-steps", type=int, default=1800)
+    parser.add_argument("--tokenizer-steps", type=int, default=900, help="Tokenizer stage 1 steps.")
+    parser.add_argument("--tokenizer-stage2-steps", type=int, default=200, help="Tokenizer stage 2 steps.")
+    parser.add_argument("--generator-steps", type=int, default=4800)
+    parser.add_argument("--generator-batch-size", type=int, default=32)
+    parser.add_argument("--generator-learning-rate", type=float, default=3e-4)
+    parser.add_argument("--generator-ema-decay", type=float, default=0.999,
+                        help="EMA decay of the shipped generator weights; 0 ships the last weights instead.")
     args = parser.parse_args()
     # `card` needs the figures of benchmarks/eval_demo.py, which runs on the assembled pipeline.
     stages = STAGES[:-1] if args.stages == "all" else tuple(args.stages.split(","))

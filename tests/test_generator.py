@@ -134,6 +134,22 @@ def test_custom_routing_layers():
     assert out.routing_weights.shape[-1] == 2
 
 
+def test_softmax_self_attention_survives_save_and_load(tmp_path):
+    _, config = preset_configs("tiny", generator_dit_self_attention="softmax")
+    torch.manual_seed(0)
+    model = SparForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path)
+    loaded = SparForConditionalGeneration.from_pretrained(tmp_path).eval()
+    linear = SparForConditionalGeneration(preset_configs("tiny")[1]).eval()
+    linear.load_state_dict(model.state_dict())
+    batch = _batch()
+    noise, sigmas = torch.randn_like(batch["latents"]), torch.full((3,), 0.3)
+    loss = model(**batch, noise=noise, sigmas=sigmas).loss
+    assert torch.equal(loaded(**batch, noise=noise, sigmas=sigmas).loss, loss)
+    # Same weights, other attention: only the processor differs, so the loss must too.
+    assert not torch.allclose(linear(**batch, noise=noise, sigmas=sigmas).loss, loss)
+
+
 def test_save_load_round_trip(tmp_path, tiny_generator):
     tiny_generator.save_pretrained(tmp_path)
     loaded = SparForConditionalGeneration.from_pretrained(tmp_path).eval()
@@ -210,6 +226,7 @@ def test_generate_rejected_without_lm_head(tiny_generator):
         ({"align_loss_weight": -1.0}, "`align_loss_weight` must be >= 0"),
         ({"cond_dropout_prob": 1.0}, "`cond_dropout_prob` must be in \\[0, 1\\)"),
         ({"flow_shift": 0.0}, "`flow_shift` must be > 0"),
+        ({"dit_self_attention": "flash"}, "`dit_self_attention` must be one of"),
     ],
 )
 def test_config_validation(override, message):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers import SanaTransformer2DModel
+from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -33,6 +34,7 @@ from .routing import ROUTING_MODES, DynamicTokenRouter, routing_entropy
 
 logger = logging.get_logger(__name__)
 
+DIT_SELF_ATTENTION = ("linear", "softmax")
 MLLM_HEADS = {"image_text_to_text": AutoModelForImageTextToText, "causal_lm": AutoModelForCausalLM, "base": AutoModel}
 PACKAGE_PATH_PREFIX = "python-package:"
 
@@ -89,6 +91,9 @@ class SparConfig(PretrainedConfig):
             null condition during training, for classifier-free guidance.
         flow_shift (`float`): Sigma shift shared by training and the scheduler.
         train_mllm (`bool`): Leave the MLLM trainable (for LoRA or full fine-tuning).
+        dit_self_attention (`str`): `"linear"` keeps SANA's ReLU linear self-attention, built for
+            thousands of tokens; `"softmax"` swaps in scaled dot-product attention, which costs little
+            and models small token grids better (the demo uses it on 8x8 tokens).
     """
 
     model_type = "spar"
@@ -112,6 +117,7 @@ class SparConfig(PretrainedConfig):
         cond_dropout_prob: float = 0.1,
         flow_shift: float = 1.0,
         train_mllm: bool = False,
+        dit_self_attention: str = "linear",
         **kwargs,
     ) -> None:
         if isinstance(mllm_config, dict):
@@ -137,6 +143,7 @@ class SparConfig(PretrainedConfig):
         self.cond_dropout_prob = cond_dropout_prob
         self.flow_shift = flow_shift
         self.train_mllm = train_mllm
+        self.dit_self_attention = dit_self_attention
         super().__init__(**kwargs)
         self.validate()
 
@@ -173,6 +180,8 @@ class SparConfig(PretrainedConfig):
             raise ValueError(f"`cond_dropout_prob` must be in [0, 1). Got {self.cond_dropout_prob}.")
         if self.flow_shift <= 0:
             raise ValueError(f"`flow_shift` must be > 0. Got {self.flow_shift}.")
+        if self.dit_self_attention not in DIT_SELF_ATTENTION:
+            raise ValueError(f"`dit_self_attention` must be one of {DIT_SELF_ATTENTION}. Got {self.dit_self_attention!r}.")
 
 
 @dataclass
@@ -239,6 +248,9 @@ class SparForConditionalGeneration(SparPreTrainedModel):
         self.null_condition = nn.Parameter(torch.randn(config.num_queries, caption_channels) * 0.02)  # (Q, Dc)
 
         self.transformer = SanaTransformer2DModel.from_config(config.transformer_config)
+        if config.dit_self_attention == "softmax":
+            for block in self.transformer.transformer_blocks:
+                block.attn1.set_processor(SanaAttnProcessor2_0())
         inner_dim = self.transformer.config.num_attention_heads * self.transformer.config.attention_head_dim
         self.align_projector = None
         self._aligned_states = None

@@ -24,8 +24,15 @@ def dcae_config(latent_channels: int, block_out_channels: tuple[int, ...], layer
     }
 
 
-def sana_config(in_channels: int, width: int, num_layers: int, head_dim: int, caption_channels: int, sample_size: int) -> dict:
-    """`SanaTransformer2DModel` config with `width // head_dim` heads in both self- and cross-attention."""
+def sana_config(
+    in_channels: int, width: int, num_layers: int, head_dim: int, caption_channels: int, sample_size: int,
+    sincos_position: bool = False,
+) -> dict:
+    """`SanaTransformer2DModel` config with `width // head_dim` heads in both self- and cross-attention.
+
+    `sincos_position` adds a fixed 2D sin-cos position embedding (diffusers turns it on with
+    `interpolation_scale`); SANA itself has none and relies on the convolution in its feed-forward.
+    """
     heads = width // head_dim
     return {
         "in_channels": in_channels,
@@ -39,6 +46,7 @@ def sana_config(in_channels: int, width: int, num_layers: int, head_dim: int, ca
         "caption_channels": caption_channels,
         "sample_size": sample_size,
         "patch_size": 1,
+        "interpolation_scale": 1.0 if sincos_position else None,
     }
 
 
@@ -74,8 +82,10 @@ def _demo() -> tuple[dict, dict]:
     )
     generator = dict(
         mllm_config=mllm, mllm_pretrained_path=MINILM_PACKAGE_PATH, num_queries=8, connector_num_layers=2,
-        connector_num_heads=6, transformer_config=sana_config(8, 256, 8, 32, 256, 8), align_layer=3,
+        connector_num_heads=6, transformer_config=sana_config(8, 256, 8, 32, 256, 8, sincos_position=True), align_layer=3,
         align_projector_dim=256, align_feature_dim=128, cond_dropout_prob=0.1, flow_shift=1.0,
+        # 64 tokens: softmax attention and explicit positions cost little and help the DiT resolve shape.
+        dit_self_attention="softmax",
     )
     return tokenizer, generator
 
