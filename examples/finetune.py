@@ -15,7 +15,7 @@ loads with `SparPipeline.from_pretrained` and needs no peft at inference.
 import os
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from spar_hf import SparPipeline
 from spar_hf.lora import LORA_TARGETS, add_lora, merge_lora, save_lora
@@ -51,6 +51,7 @@ def parse_lora_targets(value: str | None) -> list[str]:
 
 def main() -> None:
     args, training_args = HfArgumentParser((FinetuneArguments, TrainingArguments)).parse_args_into_dataclasses()
+    set_seed(training_args.seed)  # seeds the initialisation of a model built from scratch, before the Trainer exists
     training_args.remove_unused_columns = False
     targets = parse_lora_targets(args.lora)
     pipe = SparPipeline.from_pretrained(args.pipeline)

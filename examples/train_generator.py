@@ -1,7 +1,8 @@
 """Train the SPAR generator with a frozen SPAR tokenizer as latent codec and alignment teacher.
 
 Stage 1 trains queries, DTR and connector with the DiT frozen; stage 2 also trains the DiT with
-self-alignment on. Data: a folder of images with captions in metadata.jsonl, or a parquet file.
+self-alignment on. Data: a folder of images with captions in metadata.jsonl, a parquet file, or
+targets stored by examples/extract_generator_targets.py (the tokenizer then does not run per step).
 
   accelerate launch examples/train_generator.py --data DIR --tokenizer out/tok2/final --init_from PIPELINE_OR_MODEL \
       --processor MLLM_PATH --stage 1 --output_dir out/gen1 --max_steps 1000
@@ -13,7 +14,7 @@ Every `transformers.TrainingArguments` flag applies. The model is saved to `<out
 import os
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from spar_hf import SparForConditionalGeneration
 from spar_hf.export import export_pipeline, load_processor
@@ -25,13 +26,15 @@ from spar_hf.training import (
     PromptCollator,
     SparGeneratorTrainer,
     configure_generator_stage,
+    is_generator_targets,
+    load_generator_targets,
     load_image_text_dataset,
 )
 
 
 @dataclass
 class GeneratorArguments:
-    data: str = field(metadata={"help": "Image folder with metadata.jsonl captions, or a .parquet file."})
+    data: str = field(metadata={"help": "Image folder with metadata.jsonl captions, a .parquet file, or stored targets."})
     tokenizer: str = field(metadata={"help": "Trained SPAR tokenizer folder (frozen)."})
     processor: str = field(metadata={"help": "Folder (or python-package: path) of the MLLM's tokenizer or processor."})
     stage: int = field(default=2, metadata={"help": "1: DiT frozen. 2: DiT trained with self-alignment."})
@@ -57,15 +60,20 @@ def build_model(args: GeneratorArguments) -> SparForConditionalGeneration:
 
 def main() -> None:
     args, training_args = HfArgumentParser((GeneratorArguments, TrainingArguments)).parse_args_into_dataclasses()
+    set_seed(training_args.seed)  # seeds the initialisation of a model built from scratch, before the Trainer exists
     training_args.remove_unused_columns = False
     tokenizer_model = SparTokenizerModel.from_pretrained(args.tokenizer)
     model = build_model(args)
     processor = load_processor(args.processor)
     text_tokenizer = getattr(processor, "tokenizer", processor)
 
-    dataset = load_image_text_dataset(args.data, image_column=args.image_column, caption_column=args.caption_column)
-    dataset.set_transform(ImageCaptionTransform(tokenizer_model.config.image_size, args.image_column,
-                                                args.caption_column, output_column="target_pixel_values"))
+    if is_generator_targets(args.data):
+        transformer = model.config.transformer_config
+        dataset = load_generator_targets(args.data, tokenizer_model, transformer["sample_size"] // transformer["patch_size"])
+    else:
+        dataset = load_image_text_dataset(args.data, image_column=args.image_column, caption_column=args.caption_column)
+        dataset.set_transform(ImageCaptionTransform(tokenizer_model.config.image_size, args.image_column,
+                                                    args.caption_column, output_column="target_pixel_values"))
     resume = training_args.resume_from_checkpoint
     ema = EMACallback(model, args.ema_decay, resume_from=resume) if args.ema_decay > 0 else None
     trainer = SparGeneratorTrainer(

@@ -12,7 +12,7 @@ Every `transformers.TrainingArguments` flag applies (`--per_device_train_batch_s
 import os
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from spar_hf import SparTokenizerModel
 from spar_hf.presets import PRESETS, preset_configs
@@ -46,6 +46,7 @@ def build_model(args: TokenizerArguments) -> SparTokenizerModel:
 
 def main() -> None:
     args, training_args = HfArgumentParser((TokenizerArguments, TrainingArguments)).parse_args_into_dataclasses()
+    set_seed(training_args.seed)  # seeds the initialisation of a model built from scratch, before the Trainer exists
     training_args.remove_unused_columns = False
     model = build_model(args)
     dataset = load_image_text_dataset(args.data, image_column=args.image_column, caption_column=args.image_column)

@@ -126,6 +126,47 @@ def test_generator_resume_is_exact(tmp_path, image_folder, tokenizer_stages, pro
     assert (tmp_path / "full" / "checkpoint-2" / "ema.safetensors").exists()
 
 
+def test_stored_targets_match_encoding_and_train(tmp_path, image_folder, tokenizer_stages, processor_dir):
+    from spar_hf.training import ImageCaptionTransform, extract_generator_targets, load_generator_targets, load_image_text_dataset
+
+    tokenizer = tokenizer_stages / "s2" / "final"
+    run_script("extract_generator_targets.py", "--data", image_folder, "--tokenizer", tokenizer,
+               "--output_dir", tmp_path / "targets", "--batch_size", "3")
+    tokenizer_model = SparTokenizerModel.from_pretrained(tokenizer)
+    stored = load_generator_targets(str(tmp_path / "targets"), tokenizer_model, grid_size=4)
+    images = load_image_text_dataset(str(image_folder))
+    images.set_transform(ImageCaptionTransform(16, output_column="target_pixel_values"))
+    pixels = torch.stack([images[i]["target_pixel_values"] for i in range(len(images))])
+    latents, features = extract_generator_targets(tokenizer_model, pixels, grid_size=4)
+    stored = stored[:]
+    assert list(stored["caption"]) == [images[i]["caption"] for i in range(len(images))]
+    torch.testing.assert_close(stored["latents"], latents, rtol=0, atol=1e-6)
+    torch.testing.assert_close(stored["semantic_features"], features, rtol=0, atol=1e-6)
+
+    run_script("train_generator.py", "--data", tmp_path / "targets", "--tokenizer", tokenizer, "--processor", processor_dir,
+               "--stage", "2", "--max_steps", "2", "--output_dir", tmp_path / "g", *COMMON)
+    assert (tmp_path / "g" / "final" / "model.safetensors").exists()
+
+
+def test_stored_targets_checked_and_never_overwritten(tmp_path, image_folder, tokenizer_stages):
+    from spar_hf.training import load_generator_targets
+
+    tokenizer = tokenizer_stages / "s2" / "final"
+    target = tmp_path / "targets"
+    run_script("extract_generator_targets.py", "--data", image_folder, "--tokenizer", tokenizer, "--output_dir", target)
+    before = sorted(p.name for p in target.iterdir())
+    with pytest.raises(ValueError, match="already exists; pass overwrite=True"):
+        run_script("extract_generator_targets.py", "--data", image_folder, "--tokenizer", tokenizer, "--output_dir", target)
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert len(load_generator_targets(str(target), grid_size=4)) == len(COLOURS) * len(SHAPES)
+    with pytest.raises(ValueError, match="extracted with grid_size=4, but this run needs grid_size=2"):
+        load_generator_targets(str(target), grid_size=2)
+    run_script("extract_generator_targets.py", "--data", image_folder, "--tokenizer", tokenizer, "--output_dir", target,
+               "--overwrite", "--patch_size", "2")
+    assert len(load_generator_targets(str(target), grid_size=2)) == len(COLOURS) * len(SHAPES)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
 def test_parquet_data(tmp_path, image_folder):
     datasets = pytest.importorskip("datasets")
     dataset = datasets.load_dataset("imagefolder", data_dir=str(image_folder), split="train")

@@ -262,6 +262,109 @@ class SparGeneratorTrainer(SparTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
+# ----------------------------------------------------------------------------- targets on disk
+
+TARGETS_INFO = "spar_generator_targets.json"
+
+
+def save_generator_targets(
+    tokenizer_model: SparTokenizerModel, dataset, output_dir: str, grid_size: int, batch_size: int = 64,
+    overwrite: bool = False,
+) -> dict:
+    """Encode a generator dataset once with the frozen tokenizer and store the targets with `datasets`.
+
+    `dataset` yields `target_pixel_values` and `caption` (an `ImageCaptionTransform` output). The
+    folder written by `Dataset.save_to_disk` has the columns `caption`, `latents` `(C, h, w)` and
+    `semantic_features` `(grid_size**2, D)`, plus `spar_generator_targets.json` with the tokenizer
+    settings the latents depend on. The dataset is written beside `output_dir` and renamed into
+    place, so an interrupted run leaves any earlier folder as it was.
+    """
+    import shutil
+    import tempfile
+
+    from datasets import Array2D, Array3D, Dataset as HFDataset, Features, Value
+
+    if os.path.exists(output_dir) and not overwrite:
+        raise ValueError(f"`output_dir` {output_dir!r} already exists; pass overwrite=True (--overwrite) to replace it.")
+    device = next(tokenizer_model.parameters()).device
+    config = tokenizer_model.config
+    side = config.image_size // config.downsample_ratio
+    tokenizer_model.eval()
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, config.image_size, config.image_size, device=device)
+        feature_dim = tokenizer_model.get_semantic_features(probe, grid_size).shape[-1]
+    features = Features({
+        "caption": Value("string"),
+        "latents": Array3D(shape=(config.latent_channels, side, side), dtype="float32"),
+        "semantic_features": Array2D(shape=(grid_size * grid_size, feature_dim), dtype="float32"),
+    })
+
+    def rows():
+        for start in range(0, len(dataset), batch_size):
+            batch = dataset[start : start + batch_size]
+            pixels = torch.stack(list(batch["target_pixel_values"])).to(device)  # (b, 3, H, W)
+            latents, semantic = extract_generator_targets(tokenizer_model, pixels, grid_size, batch_size=len(pixels))
+            for caption, z, f in zip(batch["caption"], latents.cpu().numpy(), semantic.cpu().numpy()):
+                yield {"caption": caption, "latents": z, "semantic_features": f}
+
+    info = {
+        "rows": len(dataset), "grid_size": grid_size, "latent_channels": config.latent_channels,
+        "scaling_factor": config.scaling_factor, "shift_factor": config.shift_factor,
+    }
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".spar_targets_", dir=parent)
+    try:
+        with tempfile.TemporaryDirectory(dir=parent) as cache:
+            HFDataset.from_generator(rows, features=features, cache_dir=cache).save_to_disk(os.path.join(staging, "data"))
+        data = os.path.join(staging, "data")
+        with open(os.path.join(data, TARGETS_INFO), "w") as f:
+            json.dump(info, f, indent=2)
+        if os.path.exists(output_dir):
+            old = f"{staging}_old"
+            os.replace(output_dir, old)
+            os.replace(data, output_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(data, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return info
+
+
+def is_generator_targets(path: str) -> bool:
+    """True for a folder written by `save_generator_targets`."""
+    return os.path.isfile(os.path.join(path, TARGETS_INFO))
+
+
+def load_generator_targets(path: str, tokenizer_model: SparTokenizerModel | None = None, grid_size: int | None = None):
+    """Load a folder written by `save_generator_targets` as a torch-formatted `datasets.Dataset`.
+
+    With `tokenizer_model` and `grid_size`, check that the targets were made by a tokenizer with
+    the same latent scaling and for the same DiT token grid.
+    """
+    from datasets import load_from_disk
+
+    if not is_generator_targets(path):
+        raise ValueError(f"`path` {path!r} has no {TARGETS_INFO}; write it with examples/extract_generator_targets.py.")
+    with open(os.path.join(path, TARGETS_INFO)) as f:
+        info = json.load(f)
+    expected = {}
+    if tokenizer_model is not None:
+        config = tokenizer_model.config
+        expected.update(latent_channels=config.latent_channels, scaling_factor=config.scaling_factor,
+                        shift_factor=config.shift_factor)
+    if grid_size is not None:
+        expected["grid_size"] = grid_size
+    for key, value in expected.items():
+        if info[key] != value:
+            raise ValueError(
+                f"Targets in {path!r} were extracted with {key}={info[key]!r}, but this run needs {key}={value!r}; "
+                "extract them again with the tokenizer and DiT patch size of this run."
+            )
+    return load_from_disk(path).with_format("torch", columns=["latents", "semantic_features"], output_all_columns=True)
+
+
 # ----------------------------------------------------------------------------- EMA
 
 
