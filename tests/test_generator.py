@@ -150,6 +150,19 @@ def test_softmax_self_attention_survives_save_and_load(tmp_path):
     assert not torch.allclose(linear(**batch, noise=noise, sigmas=sigmas).loss, loss)
 
 
+def test_loaded_buffers_match_a_fresh_model(tmp_path):
+    tiny_sana = preset_configs("tiny")[1].transformer_config
+    _, config = preset_configs("tiny", generator_transformer_config={**tiny_sana, "interpolation_scale": 1.0})
+    model = SparForConditionalGeneration(config)
+    model.save_pretrained(tmp_path)
+    loaded = SparForConditionalGeneration.from_pretrained(tmp_path)
+    fresh = dict(model.named_buffers())
+    # The sin-cos position table is not in the checkpoint, so loading must rebuild it.
+    assert fresh["transformer.patch_embed.pos_embed"].abs().sum() > 0
+    for name, buffer in loaded.named_buffers():
+        assert torch.equal(buffer, fresh[name]), name
+
+
 def test_save_load_round_trip(tmp_path, tiny_generator):
     tiny_generator.save_pretrained(tmp_path)
     loaded = SparForConditionalGeneration.from_pretrained(tmp_path).eval()

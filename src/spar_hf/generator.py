@@ -9,12 +9,14 @@ semantic features of the clean image (REPA's loss with the SPAR tokenizer as tea
 """
 
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers import SanaTransformer2DModel
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
 from torch import nn
 from transformers import (
@@ -328,7 +330,25 @@ class SparForConditionalGeneration(SparPreTrainedModel):
                 "`mllm_pretrained_path` is not set, so the MLLM would be random."
             )
         model.freeze_frozen_parts()
+        model.restore_dit_position_embedding()
         return (model, info) if output_loading_info else model
+
+    def restore_dit_position_embedding(self) -> None:
+        """Recompute the DiT's sin-cos position table, a non-persistent buffer.
+
+        The checkpoint does not store it, and transformers' loading leaves such buffers of foreign
+        modules unset (zeros in transformers 5.25), so without this a DiT trained with positions samples without them.
+        """
+        embed = self.transformer.patch_embed
+        if getattr(embed, "pos_embed", None) is None or embed.pos_embed_max_size:
+            return
+        grid = math.isqrt(embed.pos_embed.shape[1])
+        table = get_2d_sincos_pos_embed(
+            embed.pos_embed.shape[-1], grid, base_size=embed.base_size, interpolation_scale=embed.interpolation_scale,
+            device=embed.pos_embed.device, output_type="pt",
+        )
+        with torch.no_grad():
+            embed.pos_embed.copy_(table.float().unsqueeze(0))
 
     def load_mllm_weights(self, path: str) -> None:
         """Copy pretrained MLLM weights from a folder (or `python-package:` path) into `self.mllm`."""
