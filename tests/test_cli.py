@@ -39,8 +39,9 @@ def test_upscale(tmp_path, pipeline_dir):
 def test_failed_generate_keeps_existing_output(tmp_path, pipeline_dir, capsys):
     out = tmp_path / "keep.png"
     out.write_bytes(b"previous result")
-    assert main(["generate", "", "-o", str(out), "--model", str(pipeline_dir)]) == 2
-    assert "`prompt` must not be empty" in capsys.readouterr().err
+    # Fails after the pipeline has loaded, the latest point before writing.
+    assert main(["generate", "sun", "-o", str(out), "--size", "18", "--model", str(pipeline_dir)]) == 2
+    assert "--size must be a positive multiple" in capsys.readouterr().err
     assert out.read_bytes() == b"previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.png", "pipe"]
 
@@ -55,6 +56,8 @@ def test_failed_generate_keeps_existing_output(tmp_path, pipeline_dir, capsys):
         (["generate", "sun", "-o", "out.png", "--size", "18"], "--size must be a positive multiple of 4. Got 18."),
         (["generate", "sun", "-o", "out.png", "--upscale", "0"], "--upscale must be >= 1"),
         (["reconstruct", "nothing.png", "-o", "out.png"], "does not exist"),
+        (["reconstruct", ".", "-o", "out.png"], "image '.' is a folder; pass one image file."),
+        (["generate", "  ", "-o", "out.png"], "prompt '  ' is empty"),
     ],
 )
 def test_bad_arguments(tmp_path, pipeline_dir, monkeypatch, capsys, argv, message):
@@ -65,7 +68,9 @@ def test_bad_arguments(tmp_path, pipeline_dir, monkeypatch, capsys, argv, messag
 
 def test_missing_model_folder(tmp_path, capsys):
     assert main(["generate", "sun", "-o", str(tmp_path / "a.png"), "--model", str(tmp_path / "nothing")]) == 2
-    assert "is not an existing folder" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "--model" in error
+    assert "is not an existing folder" in error
 
 
 def test_output_file_gets_usual_mode(tmp_path, pipeline_dir):

@@ -155,9 +155,14 @@ def test_stored_targets_checked_and_never_overwritten(tmp_path, image_folder, to
     target = tmp_path / "targets"
     run_script("extract_generator_targets.py", "--data", image_folder, "--tokenizer", tokenizer, "--output_dir", target)
     before = sorted(p.name for p in target.iterdir())
-    with pytest.raises(ValueError, match="already exists; pass overwrite=True"):
+    with pytest.raises(SystemExit) as exit_info:
         run_script("extract_generator_targets.py", "--data", image_folder, "--tokenizer", tokenizer, "--output_dir", target)
+    assert exit_info.value.code == 2
     assert sorted(p.name for p in target.iterdir()) == before
+    with pytest.raises(SystemExit):
+        run_script("extract_generator_targets.py", "--data", image_folder, "--tokenizer", tokenizer,
+                   "--output_dir", tmp_path / "odd", "--patch_size", "3")
+    assert not (tmp_path / "odd").exists()
     assert len(load_generator_targets(str(target), grid_size=4)) == len(COLOURS) * len(SHAPES)
     with pytest.raises(ValueError, match="extracted with grid_size=4, but this run needs grid_size=2"):
         load_generator_targets(str(target), grid_size=2)

@@ -47,15 +47,25 @@ def save_image_atomically(image: Image.Image, path: str, image_format: str) -> N
         raise
 
 
-def generate(args: argparse.Namespace) -> None:
+def _load_pipeline(model: str):
+    """Load `--model`, naming the flag in the error."""
     from .pipeline import SparPipeline
 
+    try:
+        return SparPipeline.from_pretrained(model)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"--model {model!r} could not be loaded: {error}") from error
+
+
+def generate(args: argparse.Namespace) -> None:
     image_format = _output_format(args.output)
+    if not args.prompt.strip():
+        raise ValueError(f"prompt {args.prompt!r} is empty; describe the image to generate, e.g. 'red apple'.")
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1. Got {args.steps}.")
     if args.guidance < 0:
         raise ValueError(f"--guidance must be >= 0 (values <= 1 disable guidance). Got {args.guidance}.")
-    pipe = SparPipeline.from_pretrained(args.model)
+    pipe = _load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=args.quiet)
     size = args.size or pipe.vae.config.image_size
     multiple = pipe.vae_scale_factor * pipe.model.transformer.config.patch_size
@@ -75,6 +85,8 @@ def reconstruct(args: argparse.Namespace) -> None:
     from .tokenizer import SparTokenizerModel
 
     image_format = _output_format(args.output)
+    if os.path.isdir(args.image):
+        raise ValueError(f"image {args.image!r} is a folder; pass one image file.")
     if not os.path.isfile(args.image):
         raise ValueError(f"image {args.image!r} does not exist.")
     try:
@@ -107,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="Generate an image from a text prompt.")
     gen.add_argument("prompt", help="What to draw, e.g. 'red apple'.")
-    gen.add_argument("-o", "--output", required=True, help="Output image file (.png, .jpg, .webp, .bmp).")
+    gen.add_argument("-o", "--output", required=True,
+                     help="Output image file (.png, .jpg, .webp, .bmp). An existing file is replaced once the new image is written.")
     gen.add_argument("--model", default=default_model_path(), help="Pipeline folder or Hub repo id (default: the shipped demo).")
     gen.add_argument("--seed", type=int, default=0, help="Seed of the initial noise (default: 0).")
     gen.add_argument("--steps", type=int, default=20, help="Number of denoising steps (default: 20).")
@@ -119,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rec = commands.add_parser("reconstruct", help="Encode and decode an image through the SPAR tokenizer.")
     rec.add_argument("image", help="Input image file.")
-    rec.add_argument("-o", "--output", required=True, help="Output image file (.png, .jpg, .webp, .bmp).")
+    rec.add_argument("-o", "--output", required=True,
+                     help="Output image file (.png, .jpg, .webp, .bmp). An existing file is replaced once the new image is written.")
     rec.add_argument("--model", default=default_model_path(), help="Pipeline folder or Hub repo id (default: the shipped demo).")
     rec.add_argument("--size", type=int, default=None, help="Side of the centre crop in pixels (default: the tokenizer's resolution).")
     rec.set_defaults(func=reconstruct)
