@@ -20,17 +20,12 @@ from PIL import Image
 
 from spar_hf import SparPipeline
 from spar_hf.cli import default_model_path
-from spar_hf.data import eval_photo_crops, load_emoji, to_pixel_values
-
-
-def to_16(images: list[Image.Image]) -> np.ndarray:
-    """Images as float vectors at 16x16, the space where neighbours are counted."""
-    return np.stack([np.asarray(i.convert("RGB").resize((16, 16), Image.Resampling.BOX), dtype=np.float32).ravel() for i in images])
+from spar_hf.data import eval_photo_crops, load_emoji, to_16x16_vectors, to_pixel_values
 
 
 def prompt_following(pipe: SparPipeline, count: int, batch_size: int, sample_path: str | None) -> dict:
     images, captions = load_emoji(pipe.vae.config.image_size)
-    reference = to_16(images)  # (N, 768)
+    reference = to_16x16_vectors(images)  # (N, 768)
     chosen = random.Random(0).sample(range(len(captions)), count)
     generated = []
     start = time.time()
@@ -41,7 +36,7 @@ def prompt_following(pipe: SparPipeline, count: int, batch_size: int, sample_pat
         generated += pipe(prompts, generator=generators).images
     seconds = time.time() - start
 
-    distances = ((to_16(generated)[:, None, :] - reference[None, :, :]) ** 2).sum(-1)  # (count, N)
+    distances = ((to_16x16_vectors(generated)[:, None, :] - reference[None, :, :]) ** 2).sum(-1)  # (count, N)
     top5 = np.argsort(distances, axis=1)[:, :5]
     hits = [int(target in row) for target, row in zip(chosen, top5)]
     top1 = [int(target == row[0]) for target, row in zip(chosen, top5)]

@@ -130,6 +130,14 @@ def eval_photo_crops(resolution: int, per_photo: int = 16) -> list[Image.Image]:
     return crops
 
 
+def to_16x16_vectors(images: list[Image.Image]) -> np.ndarray:
+    """Box-downsample images to 16x16 RGB and flatten them: the space where prompt following counts neighbours.
+
+    Returns a float array of shape `(N, 768)`.
+    """
+    return np.stack([np.asarray(i.convert("RGB").resize((16, 16), Image.Resampling.BOX), dtype=np.float32).ravel() for i in images])
+
+
 def to_pixel_values(images: list[Image.Image]) -> torch.Tensor:
     """Stack PIL images into a float tensor of shape `(N, 3, H, W)` in [-1, 1]."""
     array = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in images])  # (N, H, W, 3)

@@ -334,10 +334,10 @@ class SparForConditionalGeneration(SparPreTrainedModel):
         return (model, info) if output_loading_info else model
 
     def restore_dit_position_embedding(self) -> None:
-        """Recompute the DiT's sin-cos position table, a non-persistent buffer.
+        """Recompute the DiT's sin-cos position table, a non-persistent buffer that checkpoints leave out.
 
-        The checkpoint does not store it, and transformers' loading leaves such buffers of foreign
-        modules unset (zeros in transformers 5.25), so without this a DiT trained with positions samples without them.
+        transformers 5.25's `from_pretrained` leaves that buffer at zeros. Without this call, a DiT
+        trained with positions would sample without them.
         """
         embed = self.transformer.patch_embed
         if getattr(embed, "pos_embed", None) is None or embed.pos_embed_max_size:

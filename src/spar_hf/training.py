@@ -304,8 +304,8 @@ def save_generator_targets(
             batch = dataset[start : start + batch_size]
             pixels = torch.stack(list(batch["target_pixel_values"])).to(device)  # (b, 3, H, W)
             latents, semantic = extract_generator_targets(tokenizer_model, pixels, grid_size, batch_size=len(pixels))
-            for caption, z, f in zip(batch["caption"], latents.cpu().numpy(), semantic.cpu().numpy()):
-                yield {"caption": caption, "latents": z, "semantic_features": f}
+            for caption, latent, feature in zip(batch["caption"], latents.cpu().numpy(), semantic.cpu().numpy()):
+                yield {"caption": caption, "latents": latent, "semantic_features": feature}
 
     info = {
         "rows": len(dataset), "grid_size": grid_size, "latent_channels": config.latent_channels,
@@ -333,7 +333,7 @@ def save_generator_targets(
 
 
 def is_generator_targets(path: str) -> bool:
-    """True for a folder written by `save_generator_targets`."""
+    """Return whether `path` is a folder written by `save_generator_targets`."""
     return os.path.isfile(os.path.join(path, TARGETS_INFO))
 
 
