@@ -1,10 +1,12 @@
 """Rebuild the shipped demo model from scratch on real offline data, with a fixed seed.
 
-Stages, each trained with `SparTrainer` (the stock `transformers.Trainer` plus per-term loss logging):
-  vision     a small SigLIP vision tower, contrastive against frozen MiniLM caption embeddings
-  dcae       a small DC-AE (`AutoencoderDC`), the pixel latent teacher
-  tokenizer  the SPAR tokenizer on emoji + crops of the training photos (eval photos held out)
-  generator  queries, DTR, connector and SANA DiT under the frozen MiniLM, flow matching + self-alignment
+Stages:
+  vision     a small SigLIP vision tower, contrastive against frozen MiniLM caption embeddings (`SparTrainer`)
+  dcae       a small DC-AE (`AutoencoderDC`), the pixel latent teacher (`SparTrainer`)
+  data       imagefolders: the captioned emoji, and emoji + crops of the training photos (eval photos held out)
+  tokenizer  the SPAR tokenizer, both stages, by examples/train_tokenizer.py
+  generator  targets stored by examples/extract_generator_targets.py, then queries, DTR, connector and SANA DiT
+             under the frozen MiniLM trained by examples/train_generator.py (flow matching + self-alignment)
   assemble   the pipeline folder (model_index.json + components) that `SparPipeline.from_pretrained` loads
   card       the pipeline's README.md model card, with the figures of benchmarks/results/demo_eval.json
 
@@ -15,28 +17,23 @@ import argparse
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 
 import torch
 from diffusers import AutoencoderDC
 from transformers import AutoModel, AutoTokenizer, SiglipVisionConfig, SiglipVisionModel, TrainingArguments, set_seed
 
-from spar_hf import SparForConditionalGeneration, SparTokenizerModel
+from spar_hf import SparTokenizerModel
 from spar_hf.data import load_emoji, load_photos, photo_crops, to_pixel_values
 from spar_hf.generator import resolve_pretrained_path
 from spar_hf.presets import MINILM_PACKAGE_PATH, preset_configs
-from spar_hf.training import (
-    DictDataset,
-    EMACallback,
-    PromptCollator,
-    SparTrainer,
-    VisionTextContrastiveModel,
-    extract_generator_targets,
-    latent_statistics,
-)
+from spar_hf.training import DictDataset, SparTrainer, VisionTextContrastiveModel
 
 logger = logging.getLogger("build_demo")
-STAGES = ("vision", "dcae", "tokenizer", "generator", "assemble", "card")
+EXAMPLES = os.path.dirname(os.path.abspath(__file__))
+STAGES = ("vision", "dcae", "data", "tokenizer", "generator", "assemble", "card")
 RESOLUTION = 32
 
 
@@ -78,65 +75,75 @@ def build_dcae(args, pixels) -> None:
     model.save_pretrained(f"{args.output_dir}/dcae")
 
 
-def build_tokenizer(args, pixels) -> None:
+def write_image_folder(folder: str, images, captions: list[str]) -> None:
+    """Write PNGs with a `metadata.jsonl` of captions: the `imagefolder` layout the training scripts read."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+        for index, (image, caption) in enumerate(zip(images, captions)):
+            name = f"{index:05d}.png"
+            image.save(os.path.join(folder, name))
+            f.write(json.dumps({"file_name": name, "text": caption}) + "\n")
+
+
+def build_data(args, emoji_images, captions, crops) -> None:
+    write_image_folder(f"{args.output_dir}/data/emoji", emoji_images, captions)
+    write_image_folder(f"{args.output_dir}/data/tokenizer", emoji_images + crops, captions + [""] * len(crops))
+
+
+def run_example(script: str, *argv) -> None:
+    """Run one of the training scripts in examples/ as a user would, in a fresh process."""
+    command = [sys.executable, os.path.join(EXAMPLES, script), *map(str, argv)]
+    logger.info("running %s", " ".join(command))
+    subprocess.run(command, check=True)
+
+
+def trainer_flags(steps: int, batch_size: int, learning_rate: float, seed: int) -> list:
+    """The `TrainingArguments` flags every SPAR stage of the demo shares."""
+    return [
+        "--max_steps", steps, "--per_device_train_batch_size", batch_size, "--learning_rate", learning_rate,
+        "--lr_scheduler_type", "cosine", "--warmup_steps", min(100, steps // 10), "--weight_decay", 0.0,
+        "--logging_steps", 25, "--save_strategy", "no", "--report_to", "none", "--use_cpu", "--seed", seed,
+        "--data_seed", seed, "--dataloader_num_workers", 0, "--disable_tqdm", "true",
+    ]
+
+
+def build_tokenizer(args) -> None:
     tokenizer_config, _ = preset_configs("demo")
+    set_seed(args.seed)
     model = SparTokenizerModel(tokenizer_config)
-    # The pretrained stand-ins: the vision tower (frozen in this stage) and the DC-AE teacher, whose
+    # The pretrained stand-ins: the vision tower (frozen in stage 1) and the DC-AE teacher, whose
     # decoder also initialises ours where the shapes agree.
     model.vision_encoder.load_state_dict(SiglipVisionModel.from_pretrained(f"{args.output_dir}/vision").state_dict())
     model.pixel_teacher.load_state_dict(AutoencoderDC.from_pretrained(f"{args.output_dir}/dcae").state_dict())
-    # Stage 1: vision encoder frozen, L_r + L_p.
-    SparTrainer(model=model, args=training_arguments(f"{args.output_dir}/tokenizer_run", args.tokenizer_steps, 32, 5e-4, args.seed),
-                train_dataset=DictDataset(pixel_values=pixels)).train()
-    model.save_pretrained(f"{args.output_dir}/tokenizer_stage1")
+    model.save_pretrained(f"{args.output_dir}/tokenizer_init")
 
-    # Stage 2: vision encoder unfrozen, anchored to a frozen copy of itself by L_s.
-    model = SparTokenizerModel.from_pretrained(
-        f"{args.output_dir}/tokenizer_stage1", train_vision_encoder=True, semantic_loss_weight=1.0
-    )
-    SparTrainer(model=model, args=training_arguments(f"{args.output_dir}/tokenizer_run2", args.tokenizer_stage2_steps, 32, 2e-4, args.seed),
-                train_dataset=DictDataset(pixel_values=pixels)).train()
-
-    # The shipped tokenizer is for inference: drop the anchor, which only L_s needs.
-    model.vision_anchor = None
-    model.vision_encoder.requires_grad_(False)
-    model.config.train_vision_encoder, model.config.semantic_loss_weight = False, 0.0
-    scale, shift = latent_statistics(model, pixels[: 2048])
-    model.config.scaling_factor, model.config.shift_factor = scale, shift
-    logger.info("latent scaling_factor=%.4f shift_factor=%.4f", scale, shift)
-    model.save_pretrained(f"{args.output_dir}/tokenizer")
+    data = f"{args.output_dir}/data/tokenizer"
+    run_example("train_tokenizer.py", "--data", data, "--init_from", f"{args.output_dir}/tokenizer_init", "--stage", 1,
+                "--output_dir", f"{args.output_dir}/tokenizer_stage1",
+                *trainer_flags(args.tokenizer_steps, 32, 5e-4, args.seed))
+    run_example("train_tokenizer.py", "--data", data, "--init_from", f"{args.output_dir}/tokenizer_stage1/final", "--stage", 2,
+                "--output_dir", f"{args.output_dir}/tokenizer",
+                *trainer_flags(args.tokenizer_stage2_steps, 32, 2e-4, args.seed))
 
 
-def build_generator(args, emoji_pixels, captions) -> None:
+def build_generator(args) -> None:
     _, generator_config = preset_configs("demo")
-    tokenizer_model = SparTokenizerModel.from_pretrained(f"{args.output_dir}/tokenizer")
-    grid = generator_config.transformer_config["sample_size"] // generator_config.transformer_config["patch_size"]
-    latents, features = extract_generator_targets(tokenizer_model, emoji_pixels, grid)
-
-    model = SparForConditionalGeneration(generator_config)
-    model.load_mllm_weights(generator_config.mllm_pretrained_path)
-    text_tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained_path(MINILM_PACKAGE_PATH))
-    dataset = DictDataset(caption=captions, latents=latents, semantic_features=features)
-    run_args = training_arguments(f"{args.output_dir}/generator_run", args.generator_steps, args.generator_batch_size,
-                                  args.generator_learning_rate, args.seed)
-    callbacks = [EMACallback(model, decay=args.generator_ema_decay)] if args.generator_ema_decay > 0 else []
-    trainer = SparTrainer(model=model, args=run_args, train_dataset=dataset, data_collator=PromptCollator(text_tokenizer),
-                          callbacks=callbacks)
-    trainer.train()
-    if not callbacks:
-        model.save_pretrained(f"{args.output_dir}/generator")
-        return
-    # The average only reads the weights, so `generator_raw` is exactly what a run without EMA ends with.
-    model.save_pretrained(f"{args.output_dir}/generator_raw")
-    callbacks[0].copy_to_model()
-    model.save_pretrained(f"{args.output_dir}/generator")
+    tokenizer = f"{args.output_dir}/tokenizer/final"
+    targets = f"{args.output_dir}/generator_targets"
+    run_example("extract_generator_targets.py", "--data", f"{args.output_dir}/data/emoji", "--tokenizer", tokenizer,
+                "--output_dir", targets, "--patch_size", generator_config.transformer_config["patch_size"], "--overwrite")
+    # The DiT is trained from scratch here, so there is no stage 1 (which needs pretrained SANA weights).
+    run_example("train_generator.py", "--data", targets, "--tokenizer", tokenizer, "--processor", MINILM_PACKAGE_PATH,
+                "--preset", "demo", "--stage", 2, "--output_dir", f"{args.output_dir}/generator",
+                "--ema_decay", args.generator_ema_decay,
+                *trainer_flags(args.generator_steps, args.generator_batch_size, args.generator_learning_rate, args.seed))
 
 
 def assemble(args) -> None:
     from spar_hf.export import export_pipeline
 
-    export_pipeline(f"{args.output_dir}/generator", f"{args.output_dir}/tokenizer", MINILM_PACKAGE_PATH, args.pipeline_dir,
-                    overwrite=True)
+    export_pipeline(f"{args.output_dir}/generator/final", f"{args.output_dir}/tokenizer/final", MINILM_PACKAGE_PATH,
+                    args.pipeline_dir, overwrite=True)
     logger.info("Saved the demo pipeline to %s", args.pipeline_dir)
 
 
@@ -199,8 +206,8 @@ def main() -> None:
     set_seed(args.seed)
     emoji_images, captions = load_emoji(RESOLUTION)
     emoji_pixels = to_pixel_values(emoji_images)  # (N, 3, 32, 32)
-    crops = to_pixel_values(photo_crops(load_photos("train"), RESOLUTION, count=len(emoji_images), seed=args.seed))
-    mixed = torch.cat([emoji_pixels, crops])
+    crops = photo_crops(load_photos("train"), RESOLUTION, count=len(emoji_images), seed=args.seed)
+    mixed = torch.cat([emoji_pixels, to_pixel_values(crops)])
     logger.info("data: %d emoji, %d photo crops", len(emoji_pixels), len(crops))
     with open(f"{args.output_dir}/captions.json", "w") as f:
         json.dump(captions, f)
@@ -212,10 +219,12 @@ def main() -> None:
             build_vision(args, emoji_pixels, captions)
         elif stage == "dcae":
             build_dcae(args, mixed)
+        elif stage == "data":
+            build_data(args, emoji_images, captions, crops)
         elif stage == "tokenizer":
-            build_tokenizer(args, mixed)
+            build_tokenizer(args)
         elif stage == "generator":
-            build_generator(args, emoji_pixels, captions)
+            build_generator(args)
         elif stage == "assemble":
             assemble(args)
         else:

@@ -6,17 +6,26 @@ Stage 1: vision encoder frozen, L_r + L_p.  Stage 2: encoder unfrozen and anchor
   accelerate launch examples/train_tokenizer.py --data DIR --init_from out/tok1/final --stage 2 --output_dir out/tok2 --max_steps 500
 
 Every `transformers.TrainingArguments` flag applies (`--per_device_train_batch_size`, `--save_steps`,
-`--resume_from_checkpoint`, `--bf16`, ...). The trained model is saved to `<output_dir>/final`.
+`--resume_from_checkpoint`, `--bf16`, ...). The trained model is saved to `<output_dir>/final`, ready to
+serve the generator: the stage 2 anchor is dropped (checkpoints keep it, so a resumed run is exact) and
+the latent scaling is measured on up to `--latent_statistics_samples` training images.
 """
 
 import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from spar_hf import SparTokenizerModel
 from spar_hf.presets import PRESETS, preset_configs
-from spar_hf.training import EMACallback, ImageCaptionTransform, SparTrainer, load_image_text_dataset
+from spar_hf.training import (
+    EMACallback,
+    ImageCaptionTransform,
+    SparTrainer,
+    load_image_text_dataset,
+    prepare_tokenizer_for_inference,
+)
 
 
 @dataclass
@@ -28,9 +37,14 @@ class TokenizerArguments:
     semantic_loss_weight: float = field(default=1.0, metadata={"help": "Weight of L_s in stage 2."})
     image_column: str = field(default="image")
     ema_decay: float = field(default=0.0, metadata={"help": "EMA decay of the trained weights; 0 disables EMA."})
+    latent_statistics_samples: int = field(
+        default=2048, metadata={"help": "Training images (a seeded random subset) that set the latent scaling of the final model."}
+    )
 
 
 def build_model(args: TokenizerArguments) -> SparTokenizerModel:
+    if args.latent_statistics_samples < 1:
+        raise ValueError(f"--latent_statistics_samples must be >= 1. Got {args.latent_statistics_samples}.")
     if args.stage not in (1, 2):
         raise ValueError(f"--stage must be 1 or 2. Got {args.stage}.")
     if args.stage == 2:
@@ -58,6 +72,11 @@ def main() -> None:
     trainer.train(resume_from_checkpoint=resume)
     if ema:
         ema.copy_to_model()
+    count = min(args.latent_statistics_samples, len(dataset))
+    sample = dataset.shuffle(seed=training_args.seed).select(range(count))[:]["pixel_values"]
+    pixels = torch.stack(list(sample)).to(next(model.parameters()).device)
+    scale, shift = prepare_tokenizer_for_inference(model, pixels)
+    print(f"Latent scaling_factor={scale:.4f} shift_factor={shift:.4f} from {count} training images")
     model.save_pretrained(os.path.join(training_args.output_dir, "final"))
 
 

@@ -2,6 +2,7 @@
 
 import json
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -64,21 +65,41 @@ def tokenizer_stages(tmp_path_factory, image_folder):
     root = tmp_path_factory.mktemp("tok")
     run_script("train_tokenizer.py", "--data", image_folder, "--stage", "1", "--output_dir", root / "s1", "--max_steps", "2", *COMMON)
     run_script("train_tokenizer.py", "--data", image_folder, "--stage", "2", "--init_from", root / "s1" / "final",
-               "--output_dir", root / "s2", "--max_steps", "2", "--ema_decay", "0.9", *COMMON)
+               "--output_dir", root / "s2", "--max_steps", "2", "--save_steps", "2", "--ema_decay", "0.9", *COMMON)
     return root
 
 
-def test_tokenizer_stages_train_and_save(tokenizer_stages):
+def test_tokenizer_stages_train_and_save(tokenizer_stages, image_folder):
+    from safetensors.torch import load_file
+
+    from spar_hf.training import ImageCaptionTransform, load_image_text_dataset
+
     stage1 = SparTokenizerModel.from_pretrained(tokenizer_stages / "s1" / "final")
     stage2 = SparTokenizerModel.from_pretrained(tokenizer_stages / "s2" / "final")
-    assert not stage1.config.train_vision_encoder
-    assert stage2.config.train_vision_encoder
-    assert stage2.config.semantic_loss_weight == 1.0
     # Stage 2 trained the encoder, so it moved away from stage 1's.
     before = stage1.vision_encoder.embeddings.patch_embedding.weight
     assert not torch.equal(stage2.vision_encoder.embeddings.patch_embedding.weight, before)
-    # ...while the anchor is stage 1's encoder, untouched.
-    assert torch.equal(stage2.vision_anchor.embeddings.patch_embedding.weight, before)
+    # ...while the anchor, kept in the checkpoints, is stage 1's encoder, untouched.
+    checkpoint = load_file(tokenizer_stages / "s2" / "checkpoint-2" / "model.safetensors")
+    assert torch.equal(checkpoint["vision_anchor.embeddings.patch_embedding.weight"], before)
+    # The final model is the generator's frozen codec: no anchor, and latents of unit scale on the training images.
+    assert stage2.vision_anchor is None
+    assert not stage2.config.train_vision_encoder
+    assert stage2.config.semantic_loss_weight == 0.0
+    images = load_image_text_dataset(str(image_folder))
+    images.set_transform(ImageCaptionTransform(stage2.config.image_size))
+    pixels = torch.stack(list(images[:]["pixel_values"]))
+    with torch.no_grad():
+        scaled = (stage2.encode(pixels).latents - stage2.config.shift_factor) * stage2.config.scaling_factor
+    assert scaled.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert scaled.std().item() == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_tokenizer_rejects_bad_sample_count(image_folder, tmp_path, value):
+    with pytest.raises(ValueError, match=f"--latent_statistics_samples must be >= 1. Got {value}"):
+        run_script("train_tokenizer.py", "--data", image_folder, "--output_dir", tmp_path, "--max_steps", "1",
+                   "--latent_statistics_samples", value, *COMMON)
 
 
 def test_tokenizer_stage2_requires_init(image_folder, tmp_path):
@@ -114,14 +135,27 @@ def test_generator_stage1_leaves_dit_unchanged(tmp_path, image_folder, tokenizer
     assert not torch.equal(trained.connector.proj.weight, start.connector.proj.weight)
 
 
-def test_generator_resume_is_exact(tmp_path, image_folder, tokenizer_stages, processor_dir):
-    args = ["--data", image_folder, "--tokenizer", tokenizer_stages / "s2" / "final", "--processor", processor_dir,
-            "--stage", "2", "--max_steps", "3", "--save_steps", "1", "--ema_decay", "0.9", *COMMON]
-    run_script("train_generator.py", *args, "--output_dir", tmp_path / "full")
+@pytest.mark.parametrize("script", ["train_tokenizer.py", "train_generator.py", "finetune.py", "finetune.py --lora"])
+def test_resume_is_exact(tmp_path, image_folder, tokenizer_stages, processor_dir, tiny_pipeline, script):
+    script, *lora = script.split()
+    if script == "train_tokenizer.py":
+        args = ["--stage", "2", "--init_from", tokenizer_stages / "s1" / "final"]
+    elif script == "train_generator.py":
+        args = ["--tokenizer", tokenizer_stages / "s2" / "final", "--processor", processor_dir, "--stage", "2"]
+    else:
+        tiny_pipeline.save_pretrained(tmp_path / "start")
+        args = ["--pipeline", tmp_path / "start", *(["--lora", "transformer"] if lora else [])]
+    args += ["--data", image_folder, "--max_steps", "3", "--save_steps", "1", "--ema_decay", "0.9",
+             "--learning_rate", "1e-3", *COMMON]
+    run_script(script, *args, "--output_dir", tmp_path / "full")
     uninterrupted = logged_losses(tmp_path / "full" / "checkpoint-3")
-    # A run killed after step 2 restarts from its last checkpoint.
-    run_script("train_generator.py", *args, "--output_dir", tmp_path / "full", "--resume_from_checkpoint", tmp_path / "full" / "checkpoint-2")
+    # A run killed after step 2 restarts from its last checkpoint and trains step 3 only.
+    shutil.rmtree(tmp_path / "full" / "checkpoint-1")
+    shutil.rmtree(tmp_path / "full" / "checkpoint-3")
+    run_script(script, *args, "--output_dir", tmp_path / "full", "--resume_from_checkpoint", tmp_path / "full" / "checkpoint-2")
+    assert not (tmp_path / "full" / "checkpoint-1").exists()
     resumed = logged_losses(tmp_path / "full" / "checkpoint-3")
+    assert uninterrupted[3] != uninterrupted[2]
     assert resumed[3] == pytest.approx(uninterrupted[3], abs=1e-4)
     assert (tmp_path / "full" / "checkpoint-2" / "ema.safetensors").exists()
 

@@ -129,6 +129,22 @@ def latent_statistics(tokenizer_model: SparTokenizerModel, pixel_values: torch.T
     return 1.0 / float(latents.std()), float(latents.mean())
 
 
+@torch.no_grad()
+def prepare_tokenizer_for_inference(tokenizer_model: SparTokenizerModel, pixel_values: torch.Tensor) -> tuple[float, float]:
+    """Turn a trained tokenizer into the frozen latent codec and alignment teacher of the generator.
+
+    Drops the stage 2 anchor (only `L_s` reads it, and without it the alignment targets come from the
+    trained encoder), freezes the encoder, and sets `scaling_factor`/`shift_factor` from the latents
+    of `pixel_values` `(N, 3, H, W)`. Returns `(scaling_factor, shift_factor)`.
+    """
+    tokenizer_model.vision_anchor = None
+    tokenizer_model.vision_encoder.requires_grad_(False)
+    config = tokenizer_model.config
+    config.train_vision_encoder, config.semantic_loss_weight = False, 0.0
+    config.scaling_factor, config.shift_factor = latent_statistics(tokenizer_model, pixel_values)
+    return config.scaling_factor, config.shift_factor
+
+
 class VisionTextContrastiveModel(nn.Module):
     """A vision encoder trained with a symmetric InfoNCE loss against fixed text embeddings.
 
