@@ -63,8 +63,9 @@ def test_no_split_modules_name_built_classes(cls, get_module):
 
 
 def test_no_split_module_classes_keep_built_ones():
+    # BERT lists `BertEmbeddings` too, but it contains the token embeddings, which are sharded on their own.
     assert no_split_module_classes(_generator()) == [
-        "BertEmbeddings", "BertLayer", "PatchEmbed", "SanaModulatedNorm", "SanaTransformerBlock", "TransformerBlock",
+        "BertLayer", "PatchEmbed", "SanaModulatedNorm", "SanaTransformerBlock", "TransformerBlock",
     ]
     tokenizer = _tokenizer_model()
     # transformers adds SigLIP's whole list, text embeddings included, to the instance's `_no_split_modules`.
@@ -149,28 +150,33 @@ def test_shard_model_runs_training_step(single_process_group, make_model, make_i
 
 
 # accelerate refuses FSDP without GPUs, so these run its FSDP2 preparation step directly, with a
-# stand-in for the few `Accelerator` attributes it reads. The BERT case fails for the reason given.
+# stand-in for the few `Accelerator` attributes it reads, then one training step of the result.
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")
 @pytest.mark.parametrize(
-    "make_model",
+    "make_model, make_inputs",
     [
-        pytest.param(_tokenizer_model, id="tokenizer"),
+        pytest.param(_tokenizer_model, lambda: {"pixel_values": torch.rand(2, 3, 16, 16) * 2 - 1}, id="tokenizer"),
+        pytest.param(_generator, _batch, id="generator-bert"),
+        pytest.param(lambda: _generator(mllm_config=TINY_INTERNVL), _batch, id="generator-internvl"),
         pytest.param(
-            _generator, id="generator-bert",
-            marks=pytest.mark.xfail(raises=TypeError, strict=True,
-                                    reason="accelerate shards BertEmbeddings, then its word_embeddings again"),
+            lambda: _generator(mllm_config={**TINY_LLAMA, "tie_word_embeddings": True}, mllm_head="causal_lm"),
+            _batch, id="generator-tied-lm-head",
         ),
-        pytest.param(lambda: _generator(mllm_config=TINY_INTERNVL), id="generator-internvl"),
     ],
 )
-def test_accelerate_fsdp2_preparation(single_process_group, make_model):
+def test_accelerate_fsdp2_prepared_model_trains(single_process_group, make_model, make_inputs):
     with mock.patch.dict(os.environ, _launch_environment(CONFIG_DIR / "fsdp2_1gpu.yaml")):
         plugin = FullyShardedDataParallelPlugin()
     accelerator = SimpleNamespace(
         state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None, parallelism_config=None,
         is_main_process=True, mixed_precision="no", device=torch.device("cpu"),
     )
-    model = fsdp2_prepare_model(accelerator, make_model())
+    model = fsdp2_prepare_model(accelerator, make_model()).train()
     assert isinstance(model, FSDPModule)
+    loss = model(**make_inputs()).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_accelerate_configs_differ_only_in_process_count():

@@ -264,7 +264,20 @@ class SparForConditionalGeneration(SparPreTrainedModel):
             block = self.transformer.transformer_blocks[config.align_layer - 1]
             block.register_forward_hook(self._capture_aligned_states)
         self.post_init()
+        self._unwrap_token_embeddings()
         self.freeze_frozen_parts()
+
+    def _unwrap_token_embeddings(self) -> None:
+        """Drop from `_no_split_modules` every block that contains the MLLM's token embeddings (BERT's `BertEmbeddings`).
+
+        `_append_queries` calls the embeddings directly, so FSDP2 must shard them as a group of their own.
+        accelerate does so after sharding the `_no_split_modules` blocks, and fails when one of those
+        blocks already owns the embedding weight.
+        """
+        embeddings = self.get_input_embeddings()
+        path = next(name for name, module in self.named_modules() if module is embeddings).split(".")
+        enclosing = {type(self.get_submodule(".".join(path[:depth]))).__name__ for depth in range(1, len(path))}
+        self._no_split_modules = set(self._no_split_modules) - enclosing
 
     def freeze_frozen_parts(self) -> None:
         """Set `requires_grad=False` on the MLLM unless `config.train_mllm`.
@@ -369,6 +382,14 @@ class SparForConditionalGeneration(SparPreTrainedModel):
         which the direct call needs because it runs outside the forward of their parent module.
         """
         return self.mllm.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """Return the MLLM's language-model head, or None when its backbone has none (BERT).
+
+        accelerate's FSDP2 preparation puts this head in one group with the token embeddings when
+        their weights are tied. Without it, the tied weight would sit in two groups, which FSDP2 rejects.
+        """
+        return self.mllm.get_output_embeddings()
 
     def _append_queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Place the queries right after each prompt's last real token, then padding.
