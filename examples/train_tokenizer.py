@@ -1,6 +1,8 @@
 """Train the SPAR tokenizer on a folder of images (imagefolder) or a parquet file.
 
 Stage 1: vision encoder frozen, L_r + L_p.  Stage 2: encoder unfrozen and anchored by L_s.
+With `--gan_loss_weight`, L_r gains a hinge GAN term from step `--gan_start_step` on, against a
+patch discriminator trained alongside (saved to `<output_dir>/discriminator`).
 
   accelerate launch examples/train_tokenizer.py --data DIR --preset demo --stage 1 --output_dir out/tok1 --max_steps 1000
   accelerate launch examples/train_tokenizer.py --data DIR --init_from out/tok1/final --stage 2 --output_dir out/tok2 --max_steps 500
@@ -18,6 +20,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from spar_hf import SparTokenizerModel
+from spar_hf.adversarial import AdversarialStartCallback, PatchDiscriminator, SparTokenizerWithDiscriminator
 from spar_hf.presets import PRESETS, preset_configs
 from spar_hf.training import (
     EMACallback,
@@ -37,6 +40,13 @@ class TokenizerArguments:
     semantic_loss_weight: float = field(default=1.0, metadata={"help": "Weight of L_s in stage 2."})
     image_column: str = field(default="image")
     ema_decay: float = field(default=0.0, metadata={"help": "EMA decay of the trained weights; 0 disables EMA."})
+    gan_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the GAN term of L_r; 0 disables the GAN."})
+    gan_start_step: int = field(default=0, metadata={"help": "Optimizer step (0-based) from which the GAN terms train."})
+    discriminator_channels: int = field(default=64, metadata={"help": "Width of the discriminator's first layer."})
+    discriminator_layers: int = field(default=3, metadata={"help": "Stride-2 convolutions of the discriminator."})
+    discriminator_from: str | None = field(
+        default=None, metadata={"help": "Discriminator folder to continue from, e.g. <stage 1 output_dir>/discriminator."}
+    )
     latent_statistics_samples: int = field(
         default=2048, metadata={"help": "Training images (a seeded random subset) that set the latent scaling of the final model."}
     )
@@ -45,6 +55,10 @@ class TokenizerArguments:
 def build_model(args: TokenizerArguments) -> SparTokenizerModel:
     if args.latent_statistics_samples < 1:
         raise ValueError(f"--latent_statistics_samples must be >= 1. Got {args.latent_statistics_samples}.")
+    if args.gan_loss_weight < 0:
+        raise ValueError(f"--gan_loss_weight must be >= 0. Got {args.gan_loss_weight}.")
+    if args.gan_start_step < 0:
+        raise ValueError(f"--gan_start_step must be >= 0. Got {args.gan_start_step}.")
     if args.stage not in (1, 2):
         raise ValueError(f"--stage must be 1 or 2. Got {args.stage}.")
     if args.stage == 2:
@@ -67,11 +81,24 @@ def main() -> None:
     dataset.set_transform(ImageCaptionTransform(model.config.image_size, image_column=args.image_column, caption_column="_none"))
 
     resume = training_args.resume_from_checkpoint
-    ema = EMACallback(model, args.ema_decay, resume_from=resume) if args.ema_decay > 0 else None
-    trainer = SparTrainer(model=model, args=training_args, train_dataset=dataset, callbacks=[ema] if ema else None)
+    callbacks = []
+    ema = EMACallback(model, args.ema_decay, resume_from=resume) if args.ema_decay > 0 else None  # tokenizer weights only
+    if ema:
+        callbacks.append(ema)
+    trained = model
+    if args.gan_loss_weight > 0:
+        if args.discriminator_from:
+            discriminator = PatchDiscriminator.from_pretrained(args.discriminator_from)
+        else:
+            discriminator = PatchDiscriminator(base_channels=args.discriminator_channels, num_layers=args.discriminator_layers)
+        trained = SparTokenizerWithDiscriminator(model, discriminator, args.gan_loss_weight)
+        callbacks.append(AdversarialStartCallback(trained, args.gan_start_step))
+    trainer = SparTrainer(model=trained, args=training_args, train_dataset=dataset, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     if ema:
         ema.copy_to_model()
+    if trained is not model:
+        trained.discriminator.save_pretrained(os.path.join(training_args.output_dir, "discriminator"))
     count = min(args.latent_statistics_samples, len(dataset))
     sample = dataset.shuffle(seed=training_args.seed).select(range(count))[:]["pixel_values"]
     pixels = torch.stack(list(sample)).to(next(model.parameters()).device)

@@ -95,6 +95,38 @@ def test_tokenizer_stages_train_and_save(tokenizer_stages, image_folder):
     assert scaled.std().item() == pytest.approx(1.0, abs=1e-4)
 
 
+def test_tokenizer_gan_starts_at_given_step(image_folder, tokenizer_stages, tmp_path):
+    from spar_hf.adversarial import PatchDiscriminator
+
+    args = ["--data", image_folder, "--stage", "2", "--init_from", tokenizer_stages / "s1" / "final", "--max_steps", "3",
+            "--save_steps", "3", "--gan_loss_weight", "0.1", "--discriminator_channels", "8", "--discriminator_layers", "2",
+            *COMMON]
+    run_script("train_tokenizer.py", *args, "--gan_start_step", "1", "--output_dir", tmp_path / "a")
+    state = json.loads((tmp_path / "a" / "checkpoint-3" / "trainer_state.json").read_text())
+    logged = {entry["step"]: entry for entry in state["log_history"] if "loss" in entry}
+    assert "loss_gan" not in logged[1]
+    assert "loss_gan" in logged[2] and "loss_disc" in logged[3]
+    first = PatchDiscriminator.from_pretrained(tmp_path / "a" / "discriminator")
+    assert first.config.num_layers == 2
+    assert SparTokenizerModel.from_pretrained(tmp_path / "a" / "final").vision_anchor is None
+
+    # A later run continues with the saved discriminator and trains it further.
+    run_script("train_tokenizer.py", *args, "--discriminator_from", tmp_path / "a" / "discriminator",
+               "--output_dir", tmp_path / "b")
+    second = PatchDiscriminator.from_pretrained(tmp_path / "b" / "discriminator")
+    fresh = PatchDiscriminator(base_channels=8, num_layers=2)
+    assert not torch.equal(second.layers[0].weight, first.layers[0].weight)
+    assert (second.layers[0].weight - first.layers[0].weight).abs().max() < (fresh.layers[0].weight - first.layers[0].weight).abs().max()
+
+
+@pytest.mark.parametrize("flag, value", [("--gan_loss_weight", "-0.5"), ("--gan_start_step", "-1")])
+def test_tokenizer_rejects_bad_gan_settings(image_folder, tmp_path, flag, value):
+    with pytest.raises(ValueError, match=f"{flag} must be >= 0. Got {value}"):
+        run_script("train_tokenizer.py", "--data", image_folder, "--output_dir", tmp_path, "--max_steps", "1",
+                   flag, value, *COMMON)
+    assert not (tmp_path / "final").exists()
+
+
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_tokenizer_rejects_bad_sample_count(image_folder, tmp_path, value):
     with pytest.raises(ValueError, match=f"--latent_statistics_samples must be >= 1. Got {value}"):
@@ -135,16 +167,20 @@ def test_generator_stage1_leaves_dit_unchanged(tmp_path, image_folder, tokenizer
     assert not torch.equal(trained.connector.proj.weight, start.connector.proj.weight)
 
 
-@pytest.mark.parametrize("script", ["train_tokenizer.py", "train_generator.py", "finetune.py", "finetune.py --lora"])
+@pytest.mark.parametrize(
+    "script", ["train_tokenizer.py", "train_tokenizer.py --gan", "train_generator.py", "finetune.py", "finetune.py --lora"]
+)
 def test_resume_is_exact(tmp_path, image_folder, tokenizer_stages, processor_dir, tiny_pipeline, script):
-    script, *lora = script.split()
+    script, *option = script.split()
     if script == "train_tokenizer.py":
         args = ["--stage", "2", "--init_from", tokenizer_stages / "s1" / "final"]
+        if option:
+            args += ["--gan_loss_weight", "0.1", "--gan_start_step", "1", "--discriminator_channels", "8"]
     elif script == "train_generator.py":
         args = ["--tokenizer", tokenizer_stages / "s2" / "final", "--processor", processor_dir, "--stage", "2"]
     else:
         tiny_pipeline.save_pretrained(tmp_path / "start")
-        args = ["--pipeline", tmp_path / "start", *(["--lora", "transformer"] if lora else [])]
+        args = ["--pipeline", tmp_path / "start", *(["--lora", "transformer"] if option else [])]
     args += ["--data", image_folder, "--max_steps", "3", "--save_steps", "1", "--ema_decay", "0.9",
              "--learning_rate", "1e-3", *COMMON]
     run_script(script, *args, "--output_dir", tmp_path / "full")

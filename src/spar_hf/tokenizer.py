@@ -207,6 +207,9 @@ class SparTokenizerOutput(ModelOutput):
     loss_sem: torch.Tensor | None = None
     latents: torch.Tensor | None = None
     sample: torch.Tensor | None = None
+    # Set by `spar_hf.adversarial.SparTokenizerWithDiscriminator` once its GAN terms are on.
+    loss_gan: torch.Tensor | None = None
+    loss_disc: torch.Tensor | None = None
 
 
 def _tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:

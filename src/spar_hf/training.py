@@ -22,7 +22,9 @@ from .tokenizer import SparTokenizerModel
 
 logger = logging.get_logger(__name__)
 
-LOGGED_TERMS = ("loss_rec", "loss_pixel", "loss_sem", "loss_flow", "loss_align", "routing_entropy", "routing_gate")
+LOGGED_TERMS = (
+    "loss_rec", "loss_pixel", "loss_sem", "loss_gan", "loss_disc", "loss_flow", "loss_align", "routing_entropy", "routing_gate",
+)
 
 
 class SparTrainer(Trainer):
