@@ -98,12 +98,12 @@ def run_example(script: str, *argv) -> None:
 
 
 def trainer_flags(steps: int, batch_size: int, learning_rate: float, seed: int) -> list:
-    """The `TrainingArguments` flags every SPAR stage of the demo shares."""
+    """Return the `TrainingArguments` flags every SPAR stage of the demo shares, and `--overwrite` (this is a rebuild)."""
     return [
         "--max_steps", steps, "--per_device_train_batch_size", batch_size, "--learning_rate", learning_rate,
         "--lr_scheduler_type", "cosine", "--warmup_steps", min(100, steps // 10), "--weight_decay", 0.0,
         "--logging_steps", 25, "--save_strategy", "no", "--report_to", "none", "--use_cpu", "--seed", seed,
-        "--data_seed", seed, "--dataloader_num_workers", 0, "--disable_tqdm", "true",
+        "--data_seed", seed, "--dataloader_num_workers", 0, "--disable_tqdm", "true", "--overwrite",
     ]
 
 

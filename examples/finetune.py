@@ -24,6 +24,8 @@ from spar_hf.training import (
     ImageCaptionTransform,
     PromptCollator,
     SparGeneratorTrainer,
+    check_output_dir,
+    check_path_argument,
     configure_generator_stage,
     load_image_text_dataset,
 )
@@ -33,12 +35,16 @@ from spar_hf.training import (
 class FinetuneArguments:
     pipeline: str = field(metadata={"help": "SparPipeline folder or Hub repo id to start from."})
     data: str = field(metadata={"help": "Image folder with metadata.jsonl captions, or a .parquet file."})
-    lora: str | None = field(default=None, metadata={"help": f"Comma-separated LoRA targets from {LORA_TARGETS}; none = full."})
-    lora_rank: int = field(default=8)
-    lora_alpha: int = field(default=16)
-    image_column: str = field(default="image")
-    caption_column: str = field(default="text")
+    lora: str | None = field(
+        default=None,
+        metadata={"help": f"Comma-separated LoRA targets from {LORA_TARGETS}; unset or empty: full fine-tuning."},
+    )
+    lora_rank: int = field(default=8, metadata={"help": "Rank of each LoRA adapter."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator: updates are scaled by alpha / rank."})
+    image_column: str = field(default="image", metadata={"help": "Dataset column with the images."})
+    caption_column: str = field(default="text", metadata={"help": "Dataset column with the captions."})
     ema_decay: float = field(default=0.0, metadata={"help": "EMA decay of the trained weights; 0 disables EMA."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an earlier run's results and checkpoints in --output_dir."})
 
 
 def parse_lora_targets(value: str | None) -> list[str]:
@@ -49,12 +55,34 @@ def parse_lora_targets(value: str | None) -> list[str]:
     return targets
 
 
+def setup(args: FinetuneArguments, training_args: TrainingArguments):
+    """Check the arguments and load pipeline and data: every error here is a usage error."""
+    check_output_dir(training_args.output_dir, training_args.resume_from_checkpoint, args.overwrite)
+    targets = parse_lora_targets(args.lora)
+    for flag in ("lora_rank", "lora_alpha"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1. Got {getattr(args, flag)}.")
+    for flag in ("pipeline", "data"):
+        check_path_argument(f"--{flag}", getattr(args, flag))
+    pipe = SparPipeline.from_pretrained(args.pipeline)
+    try:
+        dataset = load_image_text_dataset(args.data, image_column=args.image_column, caption_column=args.caption_column)
+    except ValueError as error:
+        raise ValueError(f"--data: {error}") from error
+    dataset.set_transform(ImageCaptionTransform(pipe.vae.config.image_size, args.image_column, args.caption_column,
+                                                output_column="target_pixel_values"))
+    return targets, pipe, dataset
+
+
 def main() -> None:
-    args, training_args = HfArgumentParser((FinetuneArguments, TrainingArguments)).parse_args_into_dataclasses()
+    parser = HfArgumentParser((FinetuneArguments, TrainingArguments))
+    args, training_args = parser.parse_args_into_dataclasses()
     set_seed(training_args.seed)  # seeds the initialisation of a model built from scratch, before the Trainer exists
     training_args.remove_unused_columns = False
-    targets = parse_lora_targets(args.lora)
-    pipe = SparPipeline.from_pretrained(args.pipeline)
+    try:
+        targets, pipe, dataset = setup(args, training_args)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
     model = pipe.model
 
     configure_generator_stage(model, 2)
@@ -65,9 +93,6 @@ def main() -> None:
             add_lora(model, target, r=args.lora_rank, alpha=args.lora_alpha)
         model.alignment_enabled = False  # the projector is frozen and the DiT changes little
 
-    dataset = load_image_text_dataset(args.data, image_column=args.image_column, caption_column=args.caption_column)
-    dataset.set_transform(ImageCaptionTransform(pipe.vae.config.image_size, args.image_column, args.caption_column,
-                                                output_column="target_pixel_values"))
     resume = training_args.resume_from_checkpoint
     ema = EMACallback(model, args.ema_decay, resume_from=resume) if args.ema_decay > 0 else None
     trainer = SparGeneratorTrainer(

@@ -26,6 +26,8 @@ from spar_hf.training import (
     EMACallback,
     ImageCaptionTransform,
     SparTrainer,
+    check_output_dir,
+    check_path_argument,
     load_image_text_dataset,
     prepare_tokenizer_for_inference,
 )
@@ -38,7 +40,7 @@ class TokenizerArguments:
     init_from: str | None = field(default=None, metadata={"help": "Tokenizer checkpoint to start from (required for stage 2)."})
     preset: str = field(default="tiny", metadata={"help": f"Size preset when starting from scratch: {sorted(PRESETS)}."})
     semantic_loss_weight: float = field(default=1.0, metadata={"help": "Weight of L_s in stage 2."})
-    image_column: str = field(default="image")
+    image_column: str = field(default="image", metadata={"help": "Dataset column with the images."})
     ema_decay: float = field(default=0.0, metadata={"help": "EMA decay of the trained weights; 0 disables EMA."})
     gan_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the GAN term of L_r; 0 disables the GAN."})
     gan_start_step: int = field(default=0, metadata={"help": "Optimizer step (0-based) from which the GAN terms train."})
@@ -50,6 +52,7 @@ class TokenizerArguments:
     latent_statistics_samples: int = field(
         default=2048, metadata={"help": "Training images (a seeded random subset) that set the latent scaling of the final model."}
     )
+    overwrite: bool = field(default=False, metadata={"help": "Replace an earlier run's final/ and checkpoints in --output_dir."})
 
 
 def build_model(args: TokenizerArguments) -> SparTokenizerModel:
@@ -61,6 +64,8 @@ def build_model(args: TokenizerArguments) -> SparTokenizerModel:
         raise ValueError(f"--gan_start_step must be >= 0. Got {args.gan_start_step}.")
     if args.stage not in (1, 2):
         raise ValueError(f"--stage must be 1 or 2. Got {args.stage}.")
+    for flag in ("init_from", "discriminator_from"):
+        check_path_argument(f"--{flag}", getattr(args, flag))
     if args.stage == 2:
         if not args.init_from:
             raise ValueError("--stage 2 needs --init_from, the stage 1 tokenizer.")
@@ -72,19 +77,15 @@ def build_model(args: TokenizerArguments) -> SparTokenizerModel:
     return SparTokenizerModel(preset_configs(args.preset)[0])
 
 
-def main() -> None:
-    args, training_args = HfArgumentParser((TokenizerArguments, TrainingArguments)).parse_args_into_dataclasses()
-    set_seed(training_args.seed)  # seeds the initialisation of a model built from scratch, before the Trainer exists
-    training_args.remove_unused_columns = False
+def setup(args: TokenizerArguments, training_args: TrainingArguments):
+    """Check the arguments and load model and data: every error here is a usage error."""
+    check_output_dir(training_args.output_dir, training_args.resume_from_checkpoint, args.overwrite)
     model = build_model(args)
-    dataset = load_image_text_dataset(args.data, image_column=args.image_column, caption_column=args.image_column)
+    try:
+        dataset = load_image_text_dataset(args.data, image_column=args.image_column, caption_column=args.image_column)
+    except ValueError as error:
+        raise ValueError(f"--data: {error}") from error
     dataset.set_transform(ImageCaptionTransform(model.config.image_size, image_column=args.image_column, caption_column="_none"))
-
-    resume = training_args.resume_from_checkpoint
-    callbacks = []
-    ema = EMACallback(model, args.ema_decay, resume_from=resume) if args.ema_decay > 0 else None  # tokenizer weights only
-    if ema:
-        callbacks.append(ema)
     trained = model
     if args.gan_loss_weight > 0:
         if args.discriminator_from:
@@ -92,6 +93,25 @@ def main() -> None:
         else:
             discriminator = PatchDiscriminator(base_channels=args.discriminator_channels, num_layers=args.discriminator_layers)
         trained = SparTokenizerWithDiscriminator(model, discriminator, args.gan_loss_weight)
+    return model, trained, dataset
+
+
+def main() -> None:
+    parser = HfArgumentParser((TokenizerArguments, TrainingArguments))
+    args, training_args = parser.parse_args_into_dataclasses()
+    set_seed(training_args.seed)  # seeds the initialisation of a model built from scratch, before the Trainer exists
+    training_args.remove_unused_columns = False
+    try:
+        model, trained, dataset = setup(args, training_args)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+
+    resume = training_args.resume_from_checkpoint
+    callbacks = []
+    ema = EMACallback(model, args.ema_decay, resume_from=resume) if args.ema_decay > 0 else None  # tokenizer weights only
+    if ema:
+        callbacks.append(ema)
+    if trained is not model:
         callbacks.append(AdversarialStartCallback(trained, args.gan_start_step))
     trainer = SparTrainer(model=trained, args=training_args, train_dataset=dataset, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)

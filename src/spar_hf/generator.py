@@ -31,6 +31,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from transformers.utils import ModelOutput, logging
 
 from . import flow_matching
+from .checkpoints import check_model_type
 from .layers import TransformerBlock, build_mlp
 from .routing import ROUTING_MODES, DynamicTokenRouter, routing_entropy
 
@@ -321,6 +322,8 @@ class SparForConditionalGeneration(SparPreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """Load as usual, then fill MLLM weights from `mllm_pretrained_path` when the checkpoint leaves them out."""
+        if args:
+            check_model_type(cls, args[0], **kwargs)
         output_loading_info = kwargs.pop("output_loading_info", False)
         # transformers reports every missing key as "newly initialized". The MLLM keys are missing on
         # purpose when `mllm_pretrained_path` provides them, so a narrower warning below replaces the report.

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
+from .checkpoints import check_model_type
 from .layers import TransformerBlock, sincos_position_embedding
 
 logger = logging.get_logger(__name__)
@@ -314,10 +315,13 @@ class SparTokenizerModel(SparTokenizerPreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """Load as usual; when the anchor is missing (stage 2 started from a stage 1 checkpoint), copy it from the encoder."""
+        if args:
+            check_model_type(cls, args[0], **kwargs)
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if model.vision_anchor is not None and any(k.startswith("vision_anchor.") for k in info["missing_keys"]):
-            logger.info("Checkpoint has no `vision_anchor`; initialising it from the loaded vision encoder.")
+            # transformers has just listed these keys as "newly initialized"; say what happens instead.
+            logger.warning("The `vision_anchor.*` weights above are copied from the loaded vision encoder, not left random.")
             model.vision_anchor.load_state_dict(model.vision_encoder.state_dict())
             info["missing_keys"] = {k for k in info["missing_keys"] if not k.startswith("vision_anchor.")}
         model.freeze_frozen_parts()

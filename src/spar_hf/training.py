@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
+from .checkpoints import check_finite
 from .tokenizer import SparTokenizerModel
 
 logger = logging.get_logger(__name__)
@@ -143,8 +144,10 @@ def prepare_tokenizer_for_inference(tokenizer_model: SparTokenizerModel, pixel_v
     tokenizer_model.vision_encoder.requires_grad_(False)
     config = tokenizer_model.config
     config.train_vision_encoder, config.semantic_loss_weight = False, 0.0
-    config.scaling_factor, config.shift_factor = latent_statistics(tokenizer_model, pixel_values)
-    return config.scaling_factor, config.shift_factor
+    scale, shift = latent_statistics(tokenizer_model, pixel_values)
+    check_finite("The latent statistics (scaling_factor, shift_factor)", scale, shift)
+    config.scaling_factor, config.shift_factor = scale, shift
+    return scale, shift
 
 
 class VisionTextContrastiveModel(nn.Module):
@@ -180,15 +183,26 @@ def load_image_text_dataset(path: str, split: str = "train", image_column: str =
     """
     from datasets import load_dataset
 
-    if os.path.isdir(path):
-        dataset = load_dataset("imagefolder", data_dir=path, split=split)
-    elif path.endswith(".parquet") and os.path.isfile(path):
-        dataset = load_dataset("parquet", data_files=path, split=split)
-    else:
-        raise ValueError(
-            f"`path` {path!r} must be a folder of images with metadata.jsonl (imagefolder) or an existing .parquet file."
-        )
-    missing = [c for c in (image_column, caption_column) if c not in dataset.column_names]
+    from datasets.data_files import EmptyDatasetError
+    from datasets.exceptions import DataFilesNotFoundError, DatasetGenerationError
+
+    expected = "expected a folder of images with metadata.jsonl (imagefolder) or a .parquet file"
+    if not os.path.exists(path):
+        raise ValueError(f"{path!r} not found; {expected}.")
+    try:
+        if os.path.isdir(path):
+            dataset = load_dataset("imagefolder", data_dir=path, split=split)
+        elif path.endswith(".parquet"):
+            dataset = load_dataset("parquet", data_files=path, split=split)
+        else:
+            raise ValueError(f"{path!r} is neither a folder nor a .parquet file; {expected}.")
+    except (DataFilesNotFoundError, DatasetGenerationError, EmptyDatasetError) as error:
+        raise ValueError(f"No images could be read from {path!r} ({error}); {expected}.") from error
+    except ValueError as error:
+        if "corresponds to no data" not in str(error):
+            raise
+        raise ValueError(f"No images found in {path!r}; {expected}.") from error
+    missing = [c for c in dict.fromkeys((image_column, caption_column)) if c not in dataset.column_names]
     if missing:
         raise ValueError(f"Dataset at {path!r} has no column(s) {missing}; its columns are {dataset.column_names}.")
     return dataset
@@ -223,6 +237,50 @@ class ImageCaptionTransform:
         if self.caption_column in batch:
             result["caption"] = list(batch[self.caption_column])
         return result
+
+
+# ----------------------------------------------------------------------------- script arguments
+
+
+def check_path_argument(flag: str, value: str | None) -> None:
+    """Raise `ValueError` when `value` of command-line `flag` is a local path that does not exist.
+
+    A Hub repo id (`namespace/name`, or a bare name) and a `python-package:` path are left to the loader.
+    """
+    if not value or value.startswith("python-package:") or os.path.exists(value):
+        return
+    if value.startswith((os.sep, ".", "~")) or value.count("/") > 1:
+        raise ValueError(f"{flag} {value!r} not found.")
+
+
+def check_output_dir(output_dir: str, resume_from_checkpoint: str | None, overwrite: bool) -> None:
+    """Raise `ValueError` when `output_dir` contains an earlier run's results or checkpoints and this run neither resumes nor overwrites."""
+    if resume_from_checkpoint or overwrite or not os.path.isdir(output_dir):
+        return
+    results = ("final", "pipeline", "lora", "discriminator")
+    earlier = sorted(name for name in os.listdir(output_dir) if name in results or name.startswith("checkpoint-"))
+    if earlier:
+        raise ValueError(
+            f"--output_dir {output_dir!r} already contains {earlier}; pass --resume_from_checkpoint to continue that run "
+            "or --overwrite to replace it."
+        )
+
+
+def check_generator_inputs(model, tokenizer_model: SparTokenizerModel, text_tokenizer) -> None:
+    """Raise `ValueError` when the tokenizer's latents or the text tokenizer's ids do not fit the generator."""
+    latent_channels = tokenizer_model.config.latent_channels
+    in_channels = model.config.transformer_config["in_channels"]
+    if latent_channels != in_channels:
+        raise ValueError(
+            f"--tokenizer makes {latent_channels}-channel latents, but the generator's DiT takes {in_channels} channels; "
+            "use the tokenizer the generator was built for."
+        )
+    vocabulary, embedded = len(text_tokenizer), model.get_input_embeddings().num_embeddings
+    if vocabulary > embedded:
+        raise ValueError(
+            f"--processor has {vocabulary} tokens, but the generator's MLLM embeds only {embedded}; use the processor "
+            "of that MLLM (the tiny preset is for tests: pair --preset demo with src/spar_hf/demo_model/processor)."
+        )
 
 
 # ----------------------------------------------------------------------------- generator stages
@@ -301,6 +359,7 @@ def save_generator_targets(
     import tempfile
 
     from datasets import Array2D, Array3D, Dataset as HFDataset, Features, Value
+    from datasets.exceptions import DatasetGenerationError
 
     if os.path.exists(output_dir) and not overwrite:
         raise ValueError(f"`output_dir` {output_dir!r} already exists; pass overwrite=True (--overwrite) to replace it.")
@@ -322,6 +381,11 @@ def save_generator_targets(
             batch = dataset[start : start + batch_size]
             pixels = torch.stack(list(batch["target_pixel_values"])).to(device)  # (b, 3, H, W)
             latents, semantic = extract_generator_targets(tokenizer_model, pixels, grid_size, batch_size=len(pixels))
+            if not (latents.isfinite().all() and semantic.isfinite().all()):
+                raise ValueError(
+                    f"The tokenizer gave NaN or infinite targets for rows {start} to {start + len(pixels) - 1}; "
+                    "check that it is a trained SPAR tokenizer."
+                )
             for caption, latent, feature in zip(batch["caption"], latents.cpu().numpy(), semantic.cpu().numpy()):
                 yield {"caption": caption, "latents": latent, "semantic_features": feature}
 
@@ -334,7 +398,14 @@ def save_generator_targets(
     staging = tempfile.mkdtemp(prefix=".spar_targets_", dir=parent)
     try:
         with tempfile.TemporaryDirectory(dir=parent) as cache:
-            HFDataset.from_generator(rows, features=features, cache_dir=cache).save_to_disk(os.path.join(staging, "data"))
+            try:
+                dataset_on_disk = HFDataset.from_generator(rows, features=features, cache_dir=cache)
+            except DatasetGenerationError as error:
+                # `datasets` wraps errors raised in `rows`; show ours (non-finite targets) as they are.
+                if isinstance(error.__cause__, ValueError):
+                    raise error.__cause__ from None
+                raise
+            dataset_on_disk.save_to_disk(os.path.join(staging, "data"))
         data = os.path.join(staging, "data")
         with open(os.path.join(data, TARGETS_INFO), "w") as f:
             json.dump(info, f, indent=2)
