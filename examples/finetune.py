@@ -15,7 +15,7 @@ loads with `SparPipeline.from_pretrained` and needs no peft at inference.
 import os
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import TrainingArguments
 
 from spar_hf import SparPipeline
 from spar_hf.lora import LORA_TARGETS, add_lora, merge_lora, save_lora
@@ -28,6 +28,7 @@ from spar_hf.training import (
     check_path_argument,
     configure_generator_stage,
     load_image_text_dataset,
+    parse_and_set_up,
 )
 
 
@@ -75,14 +76,7 @@ def setup(args: FinetuneArguments, training_args: TrainingArguments):
 
 
 def main() -> None:
-    parser = HfArgumentParser((FinetuneArguments, TrainingArguments))
-    args, training_args = parser.parse_args_into_dataclasses()
-    set_seed(training_args.seed)  # seeds the initialisation of a model built from scratch, before the Trainer exists
-    training_args.remove_unused_columns = False
-    try:
-        targets, pipe, dataset = setup(args, training_args)
-    except (ValueError, OSError) as error:
-        parser.error(str(error))
+    args, training_args, (targets, pipe, dataset) = parse_and_set_up(FinetuneArguments, setup)
     model = pipe.model
 
     configure_generator_stage(model, 2)

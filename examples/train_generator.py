@@ -14,7 +14,7 @@ Every `transformers.TrainingArguments` flag applies. The model is saved to `<out
 import os
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import TrainingArguments
 
 from spar_hf import SparForConditionalGeneration
 from spar_hf.export import export_pipeline, load_processor
@@ -33,6 +33,7 @@ from spar_hf.training import (
     is_generator_targets,
     load_generator_targets,
     load_image_text_dataset,
+    parse_and_set_up,
 )
 
 
@@ -96,14 +97,7 @@ def setup(args: GeneratorArguments, training_args: TrainingArguments):
 
 
 def main() -> None:
-    parser = HfArgumentParser((GeneratorArguments, TrainingArguments))
-    args, training_args = parser.parse_args_into_dataclasses()
-    set_seed(training_args.seed)  # seeds the initialisation of a model built from scratch, before the Trainer exists
-    training_args.remove_unused_columns = False
-    try:
-        tokenizer_model, model, text_tokenizer, dataset = setup(args, training_args)
-    except (ValueError, OSError) as error:
-        parser.error(str(error))
+    args, training_args, (tokenizer_model, model, text_tokenizer, dataset) = parse_and_set_up(GeneratorArguments, setup)
 
     resume = training_args.resume_from_checkpoint
     ema = EMACallback(model, args.ema_decay, resume_from=resume) if args.ema_decay > 0 else None

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import TrainingArguments
 
 from spar_hf import SparTokenizerModel
 from spar_hf.adversarial import AdversarialStartCallback, PatchDiscriminator, SparTokenizerWithDiscriminator
@@ -29,6 +29,7 @@ from spar_hf.training import (
     check_output_dir,
     check_path_argument,
     load_image_text_dataset,
+    parse_and_set_up,
     prepare_tokenizer_for_inference,
 )
 
@@ -97,14 +98,7 @@ def setup(args: TokenizerArguments, training_args: TrainingArguments):
 
 
 def main() -> None:
-    parser = HfArgumentParser((TokenizerArguments, TrainingArguments))
-    args, training_args = parser.parse_args_into_dataclasses()
-    set_seed(training_args.seed)  # seeds the initialisation of a model built from scratch, before the Trainer exists
-    training_args.remove_unused_columns = False
-    try:
-        model, trained, dataset = setup(args, training_args)
-    except (ValueError, OSError) as error:
-        parser.error(str(error))
+    args, training_args, (model, trained, dataset) = parse_and_set_up(TokenizerArguments, setup)
 
     resume = training_args.resume_from_checkpoint
     callbacks = []

@@ -320,7 +320,7 @@ class SparTokenizerModel(SparTokenizerPreTrainedModel):
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if model.vision_anchor is not None and any(k.startswith("vision_anchor.") for k in info["missing_keys"]):
-            # transformers has just listed these keys as "newly initialized"; say what happens instead.
+            # transformers has just reported these keys as "newly initialized", which is not what happens here.
             logger.warning("The `vision_anchor.*` weights above are copied from the loaded vision encoder, not left random.")
             model.vision_anchor.load_state_dict(model.vision_encoder.state_dict())
             info["missing_keys"] = {k for k in info["missing_keys"] if not k.startswith("vision_anchor.")}

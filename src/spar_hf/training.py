@@ -15,7 +15,7 @@ from torch import nn
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainerCallback
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.utils import logging
 
 from .checkpoints import check_finite
@@ -251,6 +251,22 @@ def check_path_argument(flag: str, value: str | None) -> None:
         return
     if value.startswith((os.sep, ".", "~")) or value.count("/") > 1:
         raise ValueError(f"{flag} {value!r} not found.")
+
+
+def parse_and_set_up(script_arguments, setup):
+    """Parse `script_arguments` and `TrainingArguments` from the command line, seed, then call `setup(args, training_args)`.
+
+    Returns `(args, training_args, setup's result)`. A `ValueError` or `OSError` from `setup` is
+    printed as one argparse usage line, and the script exits with status 2.
+    """
+    parser = HfArgumentParser((script_arguments, TrainingArguments))
+    args, training_args = parser.parse_args_into_dataclasses()
+    set_seed(training_args.seed)  # seeds the initialisation of a model built from scratch, before the Trainer exists
+    training_args.remove_unused_columns = False
+    try:
+        return args, training_args, setup(args, training_args)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
 
 
 def check_output_dir(output_dir: str, resume_from_checkpoint: str | None, overwrite: bool) -> None:
